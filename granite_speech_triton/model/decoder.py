@@ -1,0 +1,132 @@
+"""AR decoder: Granite LLM with audio embeddings spliced into the prompt, batched greedy search.
+
+The LLM itself is transformers' GraniteForCausalLM (layers, rotary embeddings, KV cache). This
+module adds what a server needs: several prompts of different lengths decoded together
+(left-padded, masked), and finished sequences dropped from the batch so they cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DynamicCache, GenerationConfig, GraniteConfig, GraniteForCausalLM
+
+from .weights import load_component
+
+
+@dataclass
+class DecodeItem:
+    """One request: prompt ids (audio placeholders included), its audio rows, a token budget."""
+
+    prompt_ids: list[int]
+    audio_embeds: torch.Tensor  # [n_audio_tokens, llm_hidden]
+    max_new_tokens: int
+
+
+class SpeechDecoder:
+    """Greedy generation for a batch of prompts with audio, equal to one-at-a-time `generate`."""
+
+    def __init__(self, llm: GraniteForCausalLM, audio_token_index: int, eos_token_ids: list[int]) -> None:
+        self.llm = llm
+        self.audio_token_index = audio_token_index
+        self.eos = torch.tensor(eos_token_ids, device=llm.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    def embed_prompt(self, item: DecodeItem) -> torch.Tensor:
+        """[L] prompt ids -> [L, D] embeddings with audio rows in place of the audio tokens."""
+        ids = torch.tensor(item.prompt_ids, device=self.device)
+        is_audio = ids == self.audio_token_index
+        if int(is_audio.sum()) != item.audio_embeds.shape[0]:
+            raise ValueError(
+                f"prompt has {int(is_audio.sum())} audio tokens but {item.audio_embeds.shape[0]} audio rows"
+            )
+        embeds = self.llm.get_input_embeddings()(torch.where(is_audio, 0, ids))
+        embeds[is_audio] = item.audio_embeds.to(embeds.device, embeds.dtype)
+        return embeds
+
+    def _left_pad(self, items: list[DecodeItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embeddings [B, L, D] left-padded with zeros, attention mask [B, L]."""
+        embeds = [self.embed_prompt(item) for item in items]
+        longest = max(e.shape[0] for e in embeds)
+        batch = embeds[0].new_zeros(len(items), longest, embeds[0].shape[1])
+        mask = torch.zeros(len(items), longest, dtype=torch.long, device=self.device)
+        for row, e in enumerate(embeds):
+            batch[row, longest - e.shape[0] :] = e
+            mask[row, longest - e.shape[0] :] = 1
+        return batch, mask
+
+    @torch.inference_mode()
+    def generate(self, items: list[DecodeItem]) -> list[list[int]]:
+        """Greedy new tokens per item (the eos token included when produced), in input order."""
+        inputs, mask = self._left_pad(items)
+        budgets = torch.tensor([item.max_new_tokens for item in items], device=self.device)
+        outputs: list[list[int]] = [[] for _ in items]
+        active = torch.arange(len(items), device=self.device)  # original index of each live row
+        cache = DynamicCache(config=self.llm.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        step_input = {"inputs_embeds": inputs}
+        while True:
+            logits = self.llm(
+                **step_input,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]  # [B_live, vocab]
+            tokens = logits.argmax(dim=-1)  # [B_live]
+            for row, token in zip(active.tolist(), tokens.tolist()):
+                outputs[row].append(token)
+            produced = torch.tensor([len(outputs[row]) for row in active.tolist()], device=self.device)
+            done = torch.isin(tokens, self.eos) | (produced >= budgets[active])
+            if bool(done.all()):
+                return outputs
+            keep = (~done).nonzero().squeeze(1)
+            if not bool(done.any()):
+                keep = None
+            active, tokens, mask, positions = self._select(keep, active, tokens, mask, positions, cache)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_input = {"input_ids": tokens.unsqueeze(1)}
+
+    @staticmethod
+    def _select(keep, active, tokens, mask, positions, cache):
+        """Drop finished rows from every per-row tensor and from the KV cache."""
+        if keep is None:
+            return active, tokens, mask, positions
+        for layer in cache.layers:
+            layer.batch_select_indices(keep)
+        return active[keep], tokens[keep], mask[keep], positions[keep]
+
+
+def load_llm(
+    checkpoint: Path, text_config: dict, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> GraniteForCausalLM:
+    """transformers' Granite LLM with the checkpoint's `language_model.*` tensors."""
+    config = GraniteConfig.from_dict(text_config)
+    llm = GraniteForCausalLM(config)
+    if config.tie_word_embeddings:
+        llm.tie_weights()
+    load_component(llm, checkpoint, "language_model.")
+    return llm.to(device=device, dtype=dtype).eval()
+
+
+def eos_token_ids(checkpoint: Path, text_config: dict) -> list[int]:
+    """The ids that end generation: generation_config.json's eos_token_id, else the LLM's."""
+    path = checkpoint / "generation_config.json"
+    eos = GenerationConfig.from_pretrained(str(checkpoint)).eos_token_id if path.is_file() else None
+    if eos is None:
+        eos = text_config.get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def load_tokenizer(checkpoint: Path):
+    """The checkpoint's own tokenizer (chat template and special tokens included)."""
+    return AutoTokenizer.from_pretrained(str(checkpoint))

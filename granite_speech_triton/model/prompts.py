@@ -1,0 +1,101 @@
+"""Request options and the instruction text of Granite Speech 4.1 2B (model card prompts).
+
+One place validates task, languages, keywords and max_new_tokens, and builds the chat prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASKS = ("transcribe", "translate")
+ASR_LANGUAGES = ("en", "fr", "de", "es", "pt", "ja")
+NAR_LANGUAGES = ("en", "fr", "de", "es", "pt")
+# English -> these; every ASR language -> English.
+TRANSLATION_TARGETS = ("en", "fr", "de", "es", "pt", "ja", "it", "zh")
+LANGUAGE_NAMES = {
+    "en": "English",
+    "fr": "French",
+    "de": "German",
+    "es": "Spanish",
+    "pt": "Portuguese",
+    "ja": "Japanese",
+    "it": "Italian",
+    "zh": "Chinese",
+}
+AUDIO_PLACEHOLDER = "<|audio|>"
+ASR_INSTRUCTION = "can you transcribe the speech into a written format?"
+PUNCTUATED_ASR_INSTRUCTION = "transcribe the speech with proper punctuation and capitalization."
+KEYWORD_ASR_INSTRUCTION = "transcribe the speech to text. Keywords: {keywords}"
+TRANSLATE_INSTRUCTION = "translate the speech to {language}."
+PUNCTUATED_TRANSLATE_INSTRUCTION = "translate the speech to {language} with proper punctuation and capitalization."
+DEFAULT_MAX_NEW_TOKENS = 200  # model card
+MAX_KEYWORDS = 100
+
+
+class RequestError(ValueError):
+    """A request option is invalid; the message is meant for the caller."""
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """What the caller asked for; `validate` raises RequestError naming the bad field."""
+
+    task: str = "transcribe"
+    language: str = "en"
+    target_language: str = ""
+    keywords: tuple[str, ...] = field(default_factory=tuple)
+    punctuate: bool = False
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    def validate(self, max_new_tokens_limit: int, languages: tuple[str, ...] = ASR_LANGUAGES) -> None:
+        if self.task not in TASKS:
+            raise RequestError(f"unknown TASK {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.language not in languages:
+            raise RequestError(f"unsupported LANGUAGE {self.language!r}; expected one of {', '.join(languages)}")
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise RequestError(f"MAX_NEW_TOKENS must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}")
+        if len(self.keywords) > MAX_KEYWORDS:
+            raise RequestError(f"at most {MAX_KEYWORDS} KEYWORDS, got {len(self.keywords)}")
+        if self.task == "translate":
+            self._validate_translation()
+        elif self.target_language:
+            raise RequestError("TARGET_LANGUAGE is only valid with TASK 'translate'")
+
+    def _validate_translation(self) -> None:
+        target = self.target_language
+        if target not in TRANSLATION_TARGETS:
+            raise RequestError(
+                f"unsupported TARGET_LANGUAGE {target!r}; expected one of {', '.join(TRANSLATION_TARGETS)}"
+            )
+        if target == self.language:
+            raise RequestError(f"TARGET_LANGUAGE equals LANGUAGE ({target!r}); use TASK 'transcribe'")
+        if "en" not in (self.language, target):
+            raise RequestError(f"translation {self.language}->{target} unsupported: one side must be English")
+        if self.keywords:
+            raise RequestError("KEYWORDS are only valid with TASK 'transcribe'")
+
+    def instruction(self) -> str:
+        """The model-card instruction for this request."""
+        if self.task == "translate":
+            template = PUNCTUATED_TRANSLATE_INSTRUCTION if self.punctuate else TRANSLATE_INSTRUCTION
+            return template.format(language=LANGUAGE_NAMES[self.target_language])
+        if self.keywords:
+            return KEYWORD_ASR_INSTRUCTION.format(keywords=", ".join(self.keywords))
+        return PUNCTUATED_ASR_INSTRUCTION if self.punctuate else ASR_INSTRUCTION
+
+
+def parse_keywords(text: str) -> tuple[str, ...]:
+    """'kw1, kw2,kw3' -> ('kw1', 'kw2', 'kw3'); empty entries dropped."""
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def build_prompt_ids(tokenizer, request: SpeechRequest, num_audio_tokens: int) -> list[int]:
+    """Token ids of the chat prompt with the audio placeholder expanded to `num_audio_tokens`.
+
+    The checkpoint's own chat template renders the user turn, so the prompt is exactly the one
+    the model was trained with (`USER: <|audio|>{instruction}\\n ASSISTANT:` for 4.1-2b).
+    """
+    chat = [{"role": "user", "content": AUDIO_PLACEHOLDER + request.instruction()}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    text = text.replace(AUDIO_PLACEHOLDER, AUDIO_PLACEHOLDER * num_audio_tokens)
+    return tokenizer(text)["input_ids"]

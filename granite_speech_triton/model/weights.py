@@ -1,0 +1,98 @@
+"""Checkpoint resolution and strict, prefix-scoped safetensors loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import CheckpointError
+
+# Buffers that PyTorch tracks but inference never reads; a checkpoint may or may not carry them.
+OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def resolve_checkpoint(checkpoint: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub id downloaded through huggingface_hub."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(checkpoint).startswith(("/", ".", "~")) or str(checkpoint).count("/") != 1:
+        raise CheckpointError(f"checkpoint {checkpoint!r} is neither a directory nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(checkpoint), revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: one clear message
+        raise CheckpointError(f"could not fetch checkpoint {checkpoint!r} from the Hugging Face hub: {exc}") from exc
+
+
+def safetensors_files(checkpoint: Path, filename: str = "model.safetensors") -> dict[str, Path]:
+    """Map every tensor name to the file holding it (single file or sharded with an index)."""
+    index = checkpoint / f"{filename}.index.json"
+    if index.is_file():
+        with index.open() as f:
+            weight_map = json.load(f)["weight_map"]
+        return {key: checkpoint / name for key, name in weight_map.items()}
+    single = checkpoint / filename
+    if not single.is_file():
+        raise CheckpointError(f"{checkpoint} has neither {filename} nor {filename}.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {key: single for key in f.keys()}
+
+
+def read_tensors(checkpoint: Path, prefix: str, filename: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """All tensors whose names start with `prefix`, with the prefix removed."""
+    by_file: dict[Path, list[str]] = {}
+    for key, file in safetensors_files(checkpoint, filename).items():
+        if key.startswith(prefix):
+            by_file.setdefault(file, []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for key in keys:
+                tensors[key[len(prefix) :]] = f.get_tensor(key)
+    return tensors
+
+
+def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Copy `tensors` into `module`, failing with the offending key on any mismatch.
+
+    `prefix` only names keys in messages (the checkpoint's full key names).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors and not k.endswith(OPTIONAL_SUFFIXES)]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor '{prefix}{missing[0]}' ({len(missing)} missing)")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected tensor '{prefix}{unexpected[0]}'")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"tensor '{prefix}{key}' has shape {list(tensor.shape)}, "
+                f"the config implies {list(expected[key].shape)}"
+            )
+    module.load_state_dict(tensors, strict=False)
+
+
+def load_component(
+    module: nn.Module, checkpoint: Path, prefix: str, filename: str = "model.safetensors"
+) -> nn.Module:
+    """Load the checkpoint tensors under `prefix` (e.g. 'encoder.') into `module`."""
+    load_into(module, read_tensors(checkpoint, prefix, filename), prefix)
+    return module
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' -> torch dtype, with a clear error otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
