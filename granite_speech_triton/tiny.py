@@ -88,8 +88,13 @@ def make_tiny_ar_checkpoint(out: str | Path, seed: int = 0) -> Path:
         text_config=text_config(tokenizer, vocab),
         encoder_config=encoder_config(),
         projector_config=dict(
-            model_type="blip_2_qformer", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, encoder_hidden_size=32, cross_attention_frequency=1,
+            model_type="blip_2_qformer",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            cross_attention_frequency=1,
         ),  # fmt: skip
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
         has_lora_adapter=False,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from enum import Enum
 
+import numpy as np
 import torch
+
+from .errors import RequestError
 
 SAMPLE_RATE = 16_000  # Hz; the only rate the server accepts
 N_FFT = 512  # samples (32 ms)
@@ -23,6 +26,7 @@ FEATURE_DIM = N_MELS * STACK  # 160
 LOG_FLOOR = 1e-10  # power floor before log10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the utterance's maximum
 MIN_SAMPLES = N_FFT // 2 + 1  # reflect padding of the centred STFT needs more than n_fft/2 samples
+MAX_PEAK = 2.0  # float audio lives in [-1, 1]; far beyond means integer PCM sent as float
 
 
 class Framing(str, Enum):
@@ -107,3 +111,33 @@ def nar_encoder_length(num_samples: int) -> int:
 def ar_encoder_length(num_samples: int) -> int:
     """Encoder frames of the AR framing rule: (1 + samples // 160) // 2."""
     return (num_samples // HOP_LENGTH + 1) // STACK
+
+
+def check_waveform(audio: np.ndarray, sample_rate: int, max_samples: int) -> torch.Tensor:
+    """Validate one request's waveform and return it as a float32 tensor [samples].
+
+    Raises RequestError naming the problem: wrong rate or rank, empty, too short or too long,
+    non-finite samples, digital silence, or integer-scaled samples.
+    """
+    if sample_rate != SAMPLE_RATE:
+        raise RequestError(f"SAMPLE_RATE {sample_rate} Hz is not supported; resample to {SAMPLE_RATE} Hz")
+    if audio.ndim != 1:
+        raise RequestError(f"AUDIO must be one mono waveform [samples], got shape {list(audio.shape)}")
+    seconds = audio.shape[0] / SAMPLE_RATE
+    if audio.shape[0] == 0:
+        raise RequestError("AUDIO is empty")
+    if audio.shape[0] < MIN_SAMPLES:
+        raise RequestError(f"AUDIO is too short: {audio.shape[0]} samples; at least {MIN_SAMPLES} are needed")
+    if audio.shape[0] > max_samples:
+        raise RequestError(
+            f"AUDIO is {seconds:.1f} s long; the limit is {max_samples / SAMPLE_RATE:.1f} s "
+            "(max_audio_seconds): split longer audio"
+        )
+    if not np.isfinite(audio).all():
+        raise RequestError("AUDIO contains NaN or infinite samples")
+    peak = float(np.abs(audio).max())
+    if peak == 0.0:
+        raise RequestError("AUDIO is silent (every sample is zero)")
+    if peak > MAX_PEAK:
+        raise RequestError(f"AUDIO peak {peak:g} is far outside [-1, 1]: send float samples, not integer PCM values")
+    return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))

@@ -11,9 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, or does not match the model it is loaded into."""
+from .errors import CheckpointError
 
 
 def _pick(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig, GraniteConfig, GraniteForCausalLM
 
+from .config import ARModelConfig, read_config_json
+from .errors import RequestError
+from .prompts import SpeechRequest, build_prompt_ids
 from .weights import load_component
 
 
@@ -80,7 +83,7 @@ class SpeechDecoder:
                 logits_to_keep=1,
             ).logits[:, -1]  # [B_live, vocab]
             tokens = logits.argmax(dim=-1)  # [B_live]
-            for row, token in zip(active.tolist(), tokens.tolist()):
+            for row, token in zip(active.tolist(), tokens.tolist(), strict=True):
                 outputs[row].append(token)
             produced = torch.tensor([len(outputs[row]) for row in active.tolist()], device=self.device)
             done = torch.isin(tokens, self.eos) | (produced >= budgets[active])
@@ -105,7 +108,7 @@ class SpeechDecoder:
 
 
 def load_llm(
-    checkpoint: Path, text_config: dict, device: str = "cpu", dtype: torch.dtype = torch.float32
+    checkpoint: Path, text_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GraniteForCausalLM:
     """transformers' Granite LLM with the checkpoint's `language_model.*` tensors."""
     config = GraniteConfig.from_dict(text_config)
@@ -130,3 +133,42 @@ def eos_token_ids(checkpoint: Path, text_config: dict) -> list[int]:
 def load_tokenizer(checkpoint: Path):
     """The checkpoint's own tokenizer (chat template and special tokens included)."""
     return AutoTokenizer.from_pretrained(str(checkpoint))
+
+
+@dataclass
+class Transcript:
+    text: str
+    token_ids: list[int]
+
+
+class PromptedDecoder:
+    """Request options + audio embeddings -> text: prompt building, batched greedy, detokenising."""
+
+    def __init__(self, decoder: SpeechDecoder, tokenizer, max_positions: int) -> None:
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.max_positions = max_positions
+
+    def prepare(self, request: SpeechRequest, audio_embeds: torch.Tensor) -> DecodeItem:
+        """The request's prompt; RequestError if prompt plus budget exceed the LLM context."""
+        ids = build_prompt_ids(self.tokenizer, request, audio_embeds.shape[0])
+        if len(ids) + request.max_new_tokens > self.max_positions:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) plus MAX_NEW_TOKENS ({request.max_new_tokens}) exceeds the "
+                f"model's {self.max_positions} positions: send shorter audio or fewer tokens"
+            )
+        return DecodeItem(ids, audio_embeds, request.max_new_tokens)
+
+    def run(self, items: list[DecodeItem]) -> list[Transcript]:
+        generated = self.decoder.generate(items)
+        return [Transcript(self.tokenizer.decode(ids, skip_special_tokens=True), ids) for ids in generated]
+
+
+def load_prompted_decoder(
+    checkpoint: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> PromptedDecoder:
+    """Tokenizer, Granite LLM and greedy decoder of an AR checkpoint."""
+    config = ARModelConfig.from_dict(read_config_json(checkpoint))
+    llm = load_llm(checkpoint, config.text, device, dtype)
+    decoder = SpeechDecoder(llm, config.audio_token_index, eos_token_ids(checkpoint, config.text))
+    return PromptedDecoder(decoder, load_tokenizer(checkpoint), llm.config.max_position_embeddings)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
+from .weights import load_component
 
 
 def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -144,9 +146,7 @@ class ConformerEncoder(nn.Module):
         dists = (seq.view(-1, 1) - seq.view(1, -1)).clamp(-cfg.context_size, cfg.context_size)
         self.register_buffer("attention_dists", dists + cfg.max_pos_emb, persistent=False)  # [C, C]
 
-    def forward(
-        self, features: torch.Tensor, lengths: torch.Tensor, keep_hidden_states: bool = False
-    ) -> EncoderOutput:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor, keep_hidden_states: bool = False) -> EncoderOutput:
         """features [B, T, 160], lengths [B] -> EncoderOutput; rows past a length are undefined."""
         mask = frame_mask(lengths, features.shape[1])  # [B, T]
         x = self.input_linear(features)  # [B, T, D]
@@ -162,9 +162,24 @@ class ConformerEncoder(nn.Module):
         return EncoderOutput(x, tuple(hidden) if hidden is not None else None, mid_logits)
 
 
-def load_encoder(checkpoint, cfg: EncoderConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_encoder(
+    checkpoint: Path, cfg: EncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ConformerEncoder:
     """A ConformerEncoder with the checkpoint's `encoder.*` tensors, in eval mode."""
-    from .weights import load_component
-
     encoder = load_component(ConformerEncoder(cfg), checkpoint, "encoder.")
     return encoder.to(device=device, dtype=dtype).eval()
+
+
+def pad_batch(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T_i, F] per utterance -> zero-padded [B, T_max, F] and lengths [B]."""
+    lengths = torch.tensor([s.shape[0] for s in sequences], device=sequences[0].device)
+    return nn.utils.rnn.pad_sequence(sequences, batch_first=True), lengths
+
+
+@torch.inference_mode()
+def encode_batch(encoder: ConformerEncoder, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[T_i, 160] per utterance -> final hidden states [T_i, D] per utterance, batch-invariant."""
+    param = next(encoder.parameters())
+    padded, lengths = pad_batch([f.to(param.device, param.dtype) for f in features])
+    hidden = encoder(padded, lengths).last_hidden_state  # [B, T_max, D]
+    return [hidden[i, :length] for i, length in enumerate(lengths.tolist())]

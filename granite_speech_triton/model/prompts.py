@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import RequestError
+
 TASKS = ("transcribe", "translate")
 ASR_LANGUAGES = ("en", "fr", "de", "es", "pt", "ja")
 NAR_LANGUAGES = ("en", "fr", "de", "es", "pt")
@@ -30,10 +32,6 @@ TRANSLATE_INSTRUCTION = "translate the speech to {language}."
 PUNCTUATED_TRANSLATE_INSTRUCTION = "translate the speech to {language} with proper punctuation and capitalization."
 DEFAULT_MAX_NEW_TOKENS = 200  # model card
 MAX_KEYWORDS = 100
-
-
-class RequestError(ValueError):
-    """A request option is invalid; the message is meant for the caller."""
 
 
 @dataclass(frozen=True)

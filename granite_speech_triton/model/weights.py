@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import CheckpointError
+from .errors import CheckpointError
 
 # Buffers that PyTorch tracks but inference never reads; a checkpoint may or may not carry them.
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -42,7 +42,7 @@ def safetensors_files(checkpoint: Path, filename: str = "model.safetensors") -> 
     if not single.is_file():
         raise CheckpointError(f"{checkpoint} has neither {filename} nor {filename}.index.json")
     with safe_open(single, framework="pt") as f:
-        return {key: single for key in f.keys()}
+        return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def read_tensors(checkpoint: Path, prefix: str, filename: str = "model.safetensors") -> dict[str, torch.Tensor]:
@@ -74,15 +74,12 @@ def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) 
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"tensor '{prefix}{key}' has shape {list(tensor.shape)}, "
-                f"the config implies {list(expected[key].shape)}"
+                f"tensor '{prefix}{key}' has shape {list(tensor.shape)}, the config implies {list(expected[key].shape)}"
             )
     module.load_state_dict(tensors, strict=False)
 
 
-def load_component(
-    module: nn.Module, checkpoint: Path, prefix: str, filename: str = "model.safetensors"
-) -> nn.Module:
+def load_component(module: nn.Module, checkpoint: Path, prefix: str, filename: str = "model.safetensors") -> nn.Module:
     """Load the checkpoint tensors under `prefix` (e.g. 'encoder.') into `module`."""
     load_into(module, read_tensors(checkpoint, prefix, filename), prefix)
     return module

@@ -1,0 +1,1 @@
+"""Triton glue: shared adapter helpers, repository rendering and the tritonserver launcher."""

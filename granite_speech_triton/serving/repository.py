@@ -1,0 +1,113 @@
+"""Render the committed Triton templates (model_repository/, ensemble/) into a servable folder.
+
+The committed `config*.pbtxt` files are templates with `${setting}` placeholders; `render` fills
+them from `DeploySettings` and writes `<out>/model_repository` and `<out>/ensemble`, the two
+folders tritonserver is started with. Unknown settings are rejected, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from string import Template
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = PROJECT_ROOT / "model_repository"
+ENSEMBLE_TEMPLATES = PROJECT_ROOT / "ensemble"
+VARIANTS = ("ar", "nar")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Every knob a deployer sets; each becomes a Triton parameter or config field."""
+
+    ar_checkpoint: str = "ibm-granite/granite-speech-4.1-2b"  # local directory or hub id
+    nar_checkpoint: str = "ibm-granite/granite-speech-4.1-2b-nar"
+    nar_revision: str = ""  # hub revision of the NAR checkpoint ("" = default branch)
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    max_batch_size: int = 16  # requests per dynamic batch, every component
+    instance_count: int = 1  # model instances per component
+    max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
+    max_audio_seconds: float = 120.0  # longer audio is rejected (the client splits it)
+    max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
+    cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch_size", "instance_count", "max_new_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_audio_seconds <= 0:
+            raise ValueError("max_audio_seconds must be positive")
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> DeploySettings:
+        """Build from key=value strings (CLI, environment); unknown keys are an error."""
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        converters = {"int": int, "float": float, "str": str}
+        return cls(**{k: converters[str(known[k])](v) for k, v in values.items()})
+
+    def template_values(self) -> dict[str, str]:
+        values = {k: str(v) for k, v in asdict(self).items()}
+        values["instance_kind"] = "KIND_GPU" if self.device == "cuda" else "KIND_CPU"
+        return values
+
+
+# rendered model name -> (component template folder, template file, extra values)
+MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
+    "ar": {
+        "ar_feature_extractor": ("feature_extractor", "config.pbtxt", {"framing": "ar"}),
+        "ar_conformer_encoder": ("conformer_encoder", "config.ar.pbtxt", {}),
+        "ar_qformer_projector": ("qformer_projector", "config.ar.pbtxt", {}),
+        "ar_llm_decoder": ("llm_decoder", "config.pbtxt", {}),
+    },
+    "nar": {
+        "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {"framing": "nar"}),
+        "nar_conformer_encoder": ("conformer_encoder", "config.nar.pbtxt", {}),
+        "nar_qformer_projector": ("qformer_projector", "config.nar.pbtxt", {}),
+        "nar_head": ("nar_head", "config.pbtxt", {}),
+    },
+}
+ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}
+
+
+def fill(template: Path, values: dict[str, str]) -> str:
+    """Substitute `${name}` placeholders; a placeholder without a value is an error."""
+    try:
+        return Template(template.read_text()).substitute(values)
+    except KeyError as exc:
+        raise ValueError(f"{template} needs a value for {exc.args[0]!r}") from exc
+
+
+def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARIANTS) -> list[Path]:
+    """Write the filled repositories under `out`; returns [model_repository, ensemble] folders."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {variants}")
+    models_dir, ensemble_dir = out / "model_repository", out / "ensemble"
+    for folder in (models_dir, ensemble_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    base = settings.template_values()
+    for variant in variants:
+        for name, (component, template, extra) in MODELS[variant].items():
+            values = {**base, **extra, "model_name": name, "variant": variant}
+            target = models_dir / name
+            (target / "1").mkdir(parents=True)
+            shutil.copy2(TEMPLATES / component / "1" / "model.py", target / "1" / "model.py")
+            (target / "config.pbtxt").write_text(fill(TEMPLATES / component / template, values))
+        ensemble = ENSEMBLES[variant]
+        (ensemble_dir / ensemble / "1").mkdir(parents=True)
+        filled = fill(ENSEMBLE_TEMPLATES / ensemble / "config.pbtxt", {**base, "model_name": ensemble})
+        (ensemble_dir / ensemble / "config.pbtxt").write_text(filled)
+    return [models_dir, ensemble_dir]

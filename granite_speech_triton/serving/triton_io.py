@@ -1,0 +1,122 @@
+"""Helpers shared by the `model.py` adapters; imported only inside Triton's Python backend.
+
+Every adapter follows one shape (decode -> validate -> predict -> encode):
+`decode` turns one request into a model input and raises `RequestError` on bad input; `predict`
+runs the whole batch of valid inputs at once; `encode` turns one output into a response. A bad
+request gets an error response naming the problem and never disturbs its batch-mates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from granite_speech_triton.model.errors import RequestError
+
+log = logging.getLogger("granite_speech_triton")
+
+
+def model_parameters(args: dict[str, str]) -> dict[str, str]:
+    """The `parameters` block of the model's config.pbtxt as a plain dict."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def torch_device(args: dict[str, str], device: str) -> torch.device:
+    """'cpu', or the GPU Triton assigned to this instance when device is 'cuda'."""
+    if device == "cuda":
+        return torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+    return torch.device("cpu")
+
+
+def configure_threads(parameters: dict[str, str]) -> None:
+    threads = int(parameters.get("cpu_threads", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def single_item(request, name: str) -> np.ndarray | None:
+    """The [1, ...] tensor of an input without its batch dimension, or None if absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    if array.shape[0] != 1:
+        raise RequestError(f"{name} must carry one item per request (batch dimension 1), got shape {list(array.shape)}")
+    return array[0]
+
+
+def optional_text(request, name: str, default: str) -> str:
+    value = single_item(request, name)
+    if value is None:
+        return default
+    item = value.reshape(-1)[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
+
+
+def optional_number(request, name: str, default: Any) -> Any:
+    value = single_item(request, name)
+    return default if value is None else value.reshape(-1)[0].item()
+
+
+def sequence_input(request, name: str) -> torch.Tensor:
+    """A required [1, T, ...] float input as a float32 tensor [T, ...]."""
+    value = single_item(request, name)
+    if value is None:
+        raise RequestError(f"missing input {name}")
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+
+
+def tensor_output(name: str, value: torch.Tensor | np.ndarray, dtype=np.float32) -> pb_utils.Tensor:
+    """An output tensor with the batch dimension added back."""
+    array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    return pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=dtype)[None])
+
+
+def error_response(message: str) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+class BatchAdapter:
+    """Base of every `TritonPythonModel`: per-request errors around one batched predict."""
+
+    def decode(self, request) -> Any:
+        raise NotImplementedError
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def encode(self, output: Any) -> pb_utils.InferenceResponse:
+        raise NotImplementedError
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        valid: list[tuple[int, Any]] = []
+        for index, request in enumerate(requests):
+            try:
+                valid.append((index, self.decode(request)))
+            except RequestError as exc:
+                responses[index] = error_response(str(exc))
+        if valid:
+            outputs = self._predict_isolating_failures([item for _, item in valid])
+            for (index, _), response in zip(valid, outputs, strict=True):
+                responses[index] = response
+        return responses
+
+    def _predict_isolating_failures(self, inputs: list[Any]) -> list:
+        """Run the batch; if it fails, rerun one by one so only the culprit gets the error."""
+        try:
+            return [self.encode(output) for output in self.predict(inputs)]
+        except RequestError as exc:
+            if len(inputs) == 1:
+                return [error_response(str(exc))]
+        except Exception as exc:  # never let an exception escape execute
+            log.exception("batch of %d failed", len(inputs))
+            if len(inputs) == 1:
+                return [error_response(f"internal error: {type(exc).__name__}: {exc}")]
+        return [response for item in inputs for response in self._predict_isolating_failures([item])]

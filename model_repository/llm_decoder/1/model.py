@@ -1,0 +1,60 @@
+"""Triton adapter: audio embeddings + request options -> text (contract in config.pbtxt).
+
+Parameters: checkpoint, revision, device, dtype, max_new_tokens_limit, cpu_threads.
+"""
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from granite_speech_triton.model.decoder import DecodeItem, PromptedDecoder, Transcript, load_prompted_decoder
+from granite_speech_triton.model.prompts import DEFAULT_MAX_NEW_TOKENS, SpeechRequest, parse_keywords
+from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
+from granite_speech_triton.serving.triton_io import (
+    BatchAdapter,
+    configure_threads,
+    model_parameters,
+    optional_number,
+    optional_text,
+    sequence_input,
+    tensor_output,
+    torch_device,
+)
+
+WARMUP_AUDIO_TOKENS = 30
+WARMUP_NEW_TOKENS = 4
+
+
+class TritonPythonModel(BatchAdapter):
+    def initialize(self, args: dict) -> None:
+        params = model_parameters(args)
+        configure_threads(params)
+        checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
+        device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
+        self.decoder: PromptedDecoder = load_prompted_decoder(checkpoint, device, dtype)
+        self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
+        hidden = self.decoder.decoder.llm.config.hidden_size
+        warmup = SpeechRequest(max_new_tokens=WARMUP_NEW_TOKENS)
+        self.predict([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
+
+    def decode(self, request) -> DecodeItem:
+        options = SpeechRequest(
+            task=optional_text(request, "TASK", "transcribe"),
+            language=optional_text(request, "LANGUAGE", "en"),
+            target_language=optional_text(request, "TARGET_LANGUAGE", ""),
+            keywords=parse_keywords(optional_text(request, "KEYWORDS", "")),
+            punctuate=bool(optional_number(request, "PUNCTUATE", False)),
+            max_new_tokens=int(optional_number(request, "MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
+        )
+        options.validate(self.max_new_tokens_limit)
+        return self.decoder.prepare(options, sequence_input(request, "AUDIO_EMBEDS"))
+
+    def predict(self, items: list[DecodeItem]) -> list[Transcript]:
+        return self.decoder.run(items)
+
+    def encode(self, transcript: Transcript):
+        text = np.array([transcript.text.encode("utf-8")], dtype=np.object_)
+        ids = np.array(transcript.token_ids, dtype=np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[tensor_output("TEXT", text, np.object_), tensor_output("TOKEN_IDS", ids, np.int32)]
+        )
