@@ -5,7 +5,8 @@ One place validates task, languages, keywords and max_new_tokens, and builds the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from .errors import RequestError
 
@@ -71,6 +72,19 @@ class SpeechRequest:
             raise RequestError(f"translation {self.language}->{target} unsupported: one side must be English")
         if self.keywords:
             raise RequestError("KEYWORDS are only valid with TASK 'transcribe'")
+
+    def to_json(self) -> str:
+        """Canonical JSON, as passed between pipeline steps."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SpeechRequest:
+        try:
+            values = json.loads(text)
+            values["keywords"] = tuple(values.get("keywords", ()))
+            return cls(**values)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"OPTIONS is not a valid options object: {exc}") from exc
 
     def instruction(self) -> str:
         """The model-card instruction for this request."""

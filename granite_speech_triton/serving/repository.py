@@ -66,13 +66,13 @@ class DeploySettings:
 # rendered model name -> (component template folder, template file, extra values)
 MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
     "ar": {
-        "ar_feature_extractor": ("feature_extractor", "config.pbtxt", {"framing": "ar"}),
+        "ar_feature_extractor": ("feature_extractor", "config.pbtxt", {}),
         "ar_conformer_encoder": ("conformer_encoder", "config.ar.pbtxt", {}),
         "ar_qformer_projector": ("qformer_projector", "config.ar.pbtxt", {}),
         "ar_llm_decoder": ("llm_decoder", "config.pbtxt", {}),
     },
     "nar": {
-        "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {"framing": "nar"}),
+        "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {}),
         "nar_conformer_encoder": ("conformer_encoder", "config.nar.pbtxt", {}),
         "nar_qformer_projector": ("qformer_projector", "config.nar.pbtxt", {}),
         "nar_head": ("nar_head", "config.pbtxt", {}),

@@ -41,7 +41,11 @@ def prepare_backend_dir(build_dir: Path) -> Path:
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise RuntimeError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
-    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    target = python_dir / "triton_python_backend_stub"
+    if not target.is_file() or target.stat().st_size != stub.stat().st_size:
+        staged = target.with_suffix(f".{os.getpid()}")
+        shutil.copy2(stub, staged)
+        os.replace(staged, target)  # atomic: a running server may be executing the old copy
     return python_dir.parent
 
 

@@ -17,6 +17,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.errors import RequestError
+from granite_speech_triton.model.prompts import DEFAULT_MAX_NEW_TOKENS, SpeechRequest, parse_keywords
 
 log = logging.getLogger("granite_speech_triton")
 
@@ -64,6 +65,18 @@ def optional_number(request, name: str, default: Any) -> Any:
     return default if value is None else value.reshape(-1)[0].item()
 
 
+def request_options(request) -> SpeechRequest:
+    """The optional TASK/LANGUAGE/... inputs of a request, with the model card's defaults."""
+    return SpeechRequest(
+        task=optional_text(request, "TASK", "transcribe"),
+        language=optional_text(request, "LANGUAGE", "en"),
+        target_language=optional_text(request, "TARGET_LANGUAGE", ""),
+        keywords=parse_keywords(optional_text(request, "KEYWORDS", "")),
+        punctuate=bool(optional_number(request, "PUNCTUATE", False)),
+        max_new_tokens=int(optional_number(request, "MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
+    )
+
+
 def sequence_input(request, name: str) -> torch.Tensor:
     """A required [1, T, ...] float input as a float32 tensor [T, ...]."""
     value = single_item(request, name)
@@ -78,8 +91,10 @@ def tensor_output(name: str, value: torch.Tensor | np.ndarray, dtype=np.float32)
     return pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=dtype)[None])
 
 
-def error_response(message: str) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def error_response(message: str, invalid_request: bool = True) -> pb_utils.InferenceResponse:
+    """An error response: INVALID_ARG for the caller's mistakes, INTERNAL otherwise."""
+    code = pb_utils.TritonError.INVALID_ARG if invalid_request else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 class BatchAdapter:
@@ -118,5 +133,5 @@ class BatchAdapter:
         except Exception as exc:  # never let an exception escape execute
             log.exception("batch of %d failed", len(inputs))
             if len(inputs) == 1:
-                return [error_response(f"internal error: {type(exc).__name__}: {exc}")]
+                return [error_response(f"internal error: {type(exc).__name__}: {exc}", invalid_request=False)]
         return [response for item in inputs for response in self._predict_isolating_failures([item])]

@@ -1,6 +1,10 @@
-"""Triton adapter: waveform -> stacked log-mel features (contract in config.pbtxt).
+"""Triton adapter: first step of both pipelines (contract in config.pbtxt).
 
-Parameters: framing (ar | nar), device, max_audio_seconds, cpu_threads.
+Validates the waveform and the request options, then computes stacked log-mel features.
+Options leave this step as one canonical OPTIONS string with every default filled in, so the
+later steps always receive the same set of inputs and Triton can batch any requests together
+(its dynamic batcher never mixes requests that carry different sets of optional inputs).
+Parameters: variant (ar | nar), device, max_audio_seconds, max_new_tokens_limit, cpu_threads.
 """
 
 import numpy as np
@@ -8,32 +12,47 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontEnd, check_waveform
+from granite_speech_triton.model.prompts import ASR_LANGUAGES, NAR_LANGUAGES, SpeechRequest
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
     configure_threads,
     model_parameters,
     optional_number,
+    request_options,
     single_item,
     tensor_output,
     torch_device,
 )
+
+LANGUAGES = {"ar": ASR_LANGUAGES, "nar": NAR_LANGUAGES}
 
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         params = model_parameters(args)
         configure_threads(params)
-        self.front_end = LogMelFrontEnd(Framing(params["framing"]), torch_device(args, params["device"]))
+        variant = params["variant"]
+        self.front_end = LogMelFrontEnd(Framing(variant), torch_device(args, params["device"]))
+        self.languages = LANGUAGES[variant]
         self.max_samples = int(float(params["max_audio_seconds"]) * SAMPLE_RATE)
-        self.predict([torch.rand(SAMPLE_RATE) - 0.5])  # warm up before reporting ready
+        self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
+        self.predict([(torch.rand(SAMPLE_RATE) - 0.5, SpeechRequest())])  # warm up before reporting ready
 
-    def decode(self, request) -> torch.Tensor:
+    def decode(self, request) -> tuple[torch.Tensor, SpeechRequest]:
         rate = optional_number(request, "SAMPLE_RATE", SAMPLE_RATE)
-        audio = single_item(request, "AUDIO")
-        return check_waveform(np.asarray(audio), int(rate), self.max_samples)
+        audio = check_waveform(np.asarray(single_item(request, "AUDIO")), int(rate), self.max_samples)
+        options = request_options(request)
+        options.validate(self.max_new_tokens_limit, self.languages)
+        return audio, options
 
-    def predict(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.front_end(audio) for audio in waveforms]
+    def predict(self, batch: list[tuple[torch.Tensor, SpeechRequest]]) -> list[tuple[torch.Tensor, str]]:
+        return [(self.front_end(audio), options.to_json()) for audio, options in batch]
 
-    def encode(self, features: torch.Tensor):
-        return pb_utils.InferenceResponse(output_tensors=[tensor_output("FEATURES", features)])
+    def encode(self, output: tuple[torch.Tensor, str]):
+        features, options = output
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                tensor_output("FEATURES", features),
+                tensor_output("OPTIONS", np.array([options.encode()], dtype=np.object_), np.object_),
+            ]
+        )

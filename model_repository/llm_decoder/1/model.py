@@ -1,4 +1,4 @@
-"""Triton adapter: audio embeddings + request options -> text (contract in config.pbtxt).
+"""Triton adapter: audio embeddings + request OPTIONS -> text (contract in config.pbtxt).
 
 Parameters: checkpoint, revision, device, dtype, max_new_tokens_limit, cpu_threads.
 """
@@ -8,13 +8,12 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.decoder import DecodeItem, PromptedDecoder, Transcript, load_prompted_decoder
-from granite_speech_triton.model.prompts import DEFAULT_MAX_NEW_TOKENS, SpeechRequest, parse_keywords
+from granite_speech_triton.model.prompts import SpeechRequest
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
     configure_threads,
     model_parameters,
-    optional_number,
     optional_text,
     sequence_input,
     tensor_output,
@@ -38,14 +37,7 @@ class TritonPythonModel(BatchAdapter):
         self.predict([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
 
     def decode(self, request) -> DecodeItem:
-        options = SpeechRequest(
-            task=optional_text(request, "TASK", "transcribe"),
-            language=optional_text(request, "LANGUAGE", "en"),
-            target_language=optional_text(request, "TARGET_LANGUAGE", ""),
-            keywords=parse_keywords(optional_text(request, "KEYWORDS", "")),
-            punctuate=bool(optional_number(request, "PUNCTUATE", False)),
-            max_new_tokens=int(optional_number(request, "MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
-        )
+        options = SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}"))
         options.validate(self.max_new_tokens_limit)
         return self.decoder.prepare(options, sequence_input(request, "AUDIO_EMBEDS"))
 

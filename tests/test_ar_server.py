@@ -1,0 +1,107 @@
+"""The AR ensemble on a real tritonserver: exactness against transformers, batching, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from audio_samples import mixed_lengths, synthetic
+from reference import CARD_INSTRUCTIONS, reference_generate
+from triton_helpers import batch_counts, infer, infer_concurrently
+
+pytestmark = pytest.mark.server
+MODEL = "granite_speech"
+NEW_TOKENS = 24
+
+# (ensemble options, the card instruction the reference uses)
+TASKS = [
+    ({}, "asr"),
+    ({"PUNCTUATE": ("BOOL", True)}, "asr_punct"),
+    ({"TASK": ("BYTES", "translate"), "TARGET_LANGUAGE": ("BYTES", "fr")}, "translate_fr"),
+    (
+        {
+            "TASK": ("BYTES", "translate"),
+            "LANGUAGE": ("BYTES", "de"),
+            "TARGET_LANGUAGE": ("BYTES", "en"),
+            "PUNCTUATE": ("BOOL", True),
+        },
+        "translate_en_punct",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def audios() -> list[np.ndarray]:
+    return mixed_lengths()
+
+
+def test_concurrent_requests_equal_transformers_generate(ar_server, tiny_ar_checkpoint, audios):
+    """Sixteen requests (8 audios x transcription and translation) batched together on the server
+    return exactly the tokens of transformers' greedy generate run one audio at a time."""
+    before = {m: batch_counts(ar_server.http_url, m) for m in ("ar_conformer_encoder", "ar_llm_decoder")}
+    requests, expected = [], []
+    for index, audio in enumerate(audios):
+        for options, instruction in (TASKS[index % 2], TASKS[2 + index % 2]):
+            requests.append((audio, {**options, "MAX_NEW_TOKENS": ("INT32", NEW_TOKENS)}))
+            expected.append(reference_generate(tiny_ar_checkpoint, audio, CARD_INSTRUCTIONS[instruction], NEW_TOKENS))
+    results = infer_concurrently(ar_server.grpc_url, MODEL, requests)
+    for result, want in zip(results, expected, strict=True):
+        assert not isinstance(result, Exception), result
+        assert result[1] == want
+    assert len({tuple(r[1]) for r in results}) > 4, "tiny model outputs should depend on the input"
+    for model, counts_before in before.items():
+        after = batch_counts(ar_server.http_url, model)
+        multi = sum(n - counts_before.get(size, 0) for size, n in after.items() if size > 1)
+        assert multi > 0, f"{model} never executed a batch of more than one request: {after}"
+
+
+def test_default_options_and_keywords_match_reference(ar_server, tiny_ar_checkpoint, audios):
+    """Default MAX_NEW_TOKENS (200, the card's) and keyword biasing prompts, sent alone."""
+    audio = audios[2]
+    text, ids = infer(ar_server.grpc_url, MODEL, audio)
+    assert ids == reference_generate(tiny_ar_checkpoint, audio, CARD_INSTRUCTIONS["asr"], 200)
+    assert isinstance(text, str) and text
+    keywords = {"KEYWORDS": ("BYTES", "Granite, Triton"), "MAX_NEW_TOKENS": ("INT32", 16)}
+    _, ids = infer(ar_server.grpc_url, MODEL, audio, **keywords)
+    instruction = "transcribe the speech to text. Keywords: Granite, Triton"
+    assert ids == reference_generate(tiny_ar_checkpoint, audio, instruction, 16)
+
+
+GOOD = synthetic(1.3, 7)
+BAD_REQUESTS = [
+    (np.zeros(0, np.float32), {}, "AUDIO is empty"),
+    (np.zeros(16_000, np.float32), {}, "silent"),
+    (np.where(np.arange(16_000) == 5, np.nan, GOOD[:16_000]).astype(np.float32), {}, "NaN or infinite"),
+    (np.where(np.arange(16_000) == 9, np.inf, GOOD[:16_000]).astype(np.float32), {}, "NaN or infinite"),
+    (np.stack([GOOD, GOOD]), {}, "one item per request"),
+    (GOOD.astype(np.float64), {}, "expects 'FP32'"),
+    (GOOD * 32768, {}, "integer PCM"),
+    (synthetic(41.0, 8), {}, "limit is 40.0 s"),
+    (GOOD, {"SAMPLE_RATE": ("INT32", 8000)}, "resample to 16000 Hz"),
+    (GOOD, {"TASK": ("BYTES", "summarize")}, "unknown TASK 'summarize'"),
+    (GOOD, {"LANGUAGE": ("BYTES", "xx")}, "unsupported LANGUAGE 'xx'"),
+    (GOOD, {"TASK": ("BYTES", "translate"), "TARGET_LANGUAGE": ("BYTES", "ko")}, "unsupported TARGET_LANGUAGE"),
+    (GOOD, {"TASK": ("BYTES", "translate")}, "TARGET_LANGUAGE"),
+    (GOOD, {"MAX_NEW_TOKENS": ("INT32", 0)}, "MAX_NEW_TOKENS must be in 1..256"),
+    (GOOD, {"MAX_NEW_TOKENS": ("INT32", 100_000)}, "MAX_NEW_TOKENS must be in 1..256"),
+]
+
+
+def test_bad_requests_fail_clearly_without_hurting_batch_mates(ar_server, audios):
+    good = [(audio, {"MAX_NEW_TOKENS": ("INT32", 12)}) for audio in audios[:5]]
+    alone = [infer(ar_server.grpc_url, MODEL, audio, **opts) for audio, opts in good]
+    mixed = [item for pair in zip(good, BAD_REQUESTS[:5], strict=True) for item in pair] + BAD_REQUESTS[5:]
+    results = infer_concurrently(ar_server.grpc_url, MODEL, [(a, o) for a, o, *_ in mixed])
+    good_results = [r for item, r in zip(mixed, results, strict=True) if len(item) == 2]
+    assert good_results == alone
+    for item, result in zip(mixed, results, strict=True):
+        if len(item) == 3:
+            assert isinstance(result, grpcclient.InferenceServerException), f"{item[2]!r} was accepted"
+            assert item[2] in result.message(), result.message()
+    client = grpcclient.InferenceServerClient(ar_server.grpc_url)
+    assert client.is_server_live() and client.is_model_ready(MODEL)
+
+
+def test_three_dimensional_audio_is_rejected_by_shape(ar_server):
+    with pytest.raises(grpcclient.InferenceServerException, match="AUDIO"):
+        infer(ar_server.grpc_url, MODEL, GOOD[None, None])

@@ -1,0 +1,68 @@
+"""Small helpers for talking to the test server with tritonclient (no project client needed)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+NUMPY_TYPES = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_}
+
+
+def make_inputs(audio: np.ndarray, **options) -> list[grpcclient.InferInput]:
+    """AUDIO [1, n] (or `audio` as given when it already has a batch dim) plus [1, 1] options."""
+    batch = audio if audio.ndim >= 2 else audio[None]
+    tensor = grpcclient.InferInput("AUDIO", list(batch.shape), np_to_triton(batch.dtype))
+    tensor.set_data_from_numpy(batch)
+    inputs = [tensor]
+    for name, (datatype, value) in options.items():
+        item = grpcclient.InferInput(name, [1, 1], datatype)
+        item.set_data_from_numpy(np.array([[value]], dtype=NUMPY_TYPES[datatype]))
+        inputs.append(item)
+    return inputs
+
+
+def np_to_triton(dtype: np.dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(dtype)
+
+
+def infer(url: str, model: str, audio: np.ndarray, **options) -> tuple[str, list[int]]:
+    """One request; returns (text, token ids); raises InferenceServerException on error."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        result = client.infer(model, make_inputs(audio, **options), client_timeout=300)
+    finally:
+        client.close()
+    return result.as_numpy("TEXT")[0][0].decode(), result.as_numpy("TOKEN_IDS")[0].tolist()
+
+
+def infer_concurrently(url: str, model: str, requests: list[tuple[np.ndarray, dict]]) -> list:
+    """Send every request at once; each result is (text, ids) or the exception raised."""
+
+    def one(request: tuple[np.ndarray, dict]):
+        try:
+            return infer(url, model, request[0], **request[1])
+        except Exception as exc:  # the test inspects the error
+            return exc
+
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def max_batch_sizes(http_url: str) -> dict[str, int]:
+    """Largest batch each model has executed so far, from Triton's statistics."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats") as response:
+        stats = json.load(response)["model_stats"]
+    return {m["name"]: max((b["batch_size"] for b in m.get("batch_stats", [])), default=0) for m in stats}
+
+
+def batch_counts(http_url: str, model: str) -> dict[int, int]:
+    """{batch size: executions} for one model."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats") as response:
+        stats = json.load(response)["model_stats"][0]
+    return {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
