@@ -1,0 +1,43 @@
+# The commands a user runs; the README explains them. Everything installs into $(VENV).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CHECKPOINT ?= ibm-granite/granite-speech-4.1-2b
+NAR_CHECKPOINT ?= ibm-granite/granite-speech-4.1-2b-nar
+VARIANTS ?= ar
+AUDIO ?= samples/granite_speech_demo.wav
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-dev system-deps demo demo-tiny serve test lint bench loadtest clean
+
+setup:  ## virtual environment with the pinned runtime dependencies and this project
+	scripts/install.sh $(VENV)
+
+setup-dev: system-deps  ## setup + test, lint and load-test tools
+	INSTALL_DEV=1 scripts/install.sh $(VENV)
+
+system-deps:  ## espeak-ng: the tests synthesise speech with it
+	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
+
+demo: setup  ## the main job: serve CHECKPOINT and transcribe AUDIO through the ensemble
+	$(PY) -m granite_speech_triton.cli demo --variants $(VARIANTS) --audio $(AUDIO) \
+		--set ar_checkpoint=$(CHECKPOINT) --set nar_checkpoint=$(NAR_CHECKPOINT)
+
+demo-tiny: setup  ## the main job on tiny random-weight checkpoints (meaningless text; smoke run)
+	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint build/tiny-ar
+	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint --nar build/tiny-nar
+	$(MAKE) demo CHECKPOINT=build/tiny-ar NAR_CHECKPOINT=build/tiny-nar
+
+serve: setup  ## tritonserver in the foreground on ports 8000/8001/8002
+	$(PY) -m granite_speech_triton.cli serve --variants $(VARIANTS) \
+		--set ar_checkpoint=$(CHECKPOINT) --set nar_checkpoint=$(NAR_CHECKPOINT)
+
+test: setup-dev  ## lint, then the whole test suite against real tritonserver processes
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build .pytest_cache
