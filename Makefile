@@ -15,8 +15,9 @@ setup:  ## virtual environment with the pinned runtime dependencies and this pro
 setup-dev: system-deps  ## setup + test, lint and load-test tools
 	INSTALL_DEV=1 scripts/install.sh $(VENV)
 
-system-deps:  ## espeak-ng: the tests synthesise speech with it
-	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
+system-deps:  ## espeak-ng (tests synthesise speech) and docker-compose (checks docker/compose.yaml)
+	@command -v espeak-ng >/dev/null && command -v docker-compose >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq espeak-ng docker-compose; }
 
 demo: setup  ## the main job: serve CHECKPOINT and transcribe AUDIO through the ensemble
 	$(PY) -m granite_speech_triton.cli demo --variants $(VARIANTS) --audio $(AUDIO) \

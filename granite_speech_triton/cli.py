@@ -65,8 +65,10 @@ def server_options(args: argparse.Namespace, repositories: list[Path]) -> server
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        address=args.address,
         tritonserver=args.tritonserver,
         backend_directory=args.backend_directory,
+        backend_config=args.backend_config,
     )
 
 
@@ -108,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--http-port", type=int, default=8000)
         p.add_argument("--grpc-port", type=int, default=8001)
         p.add_argument("--metrics-port", type=int, default=8002)
+        p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+        p.add_argument(
+            "--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE", help="tritonserver option"
+        )
         p.add_argument("--tritonserver", type=Path, default=None, help="server binary (default: nvidia-pytriton's)")
         p.add_argument("--backend-directory", type=Path, default=None, help="Triton backends folder")
         p.set_defaults(func=func)

@@ -46,7 +46,7 @@ def test_concurrent_requests_equal_transformers_generate(ar_server, tiny_ar_chec
             expected.append(reference_generate(tiny_ar_checkpoint, audio, CARD_INSTRUCTIONS[instruction], NEW_TOKENS))
     results = infer_concurrently(ar_server.grpc_url, MODEL, requests)
     for result, want in zip(results, expected, strict=True):
-        assert not isinstance(result, Exception), result
+        assert not isinstance(result, Exception), str(result)
         assert result[1] == want
     assert len({tuple(r[1]) for r in results}) > 4, "tiny model outputs should depend on the input"
     for model, counts_before in before.items():
@@ -105,3 +105,29 @@ def test_bad_requests_fail_clearly_without_hurting_batch_mates(ar_server, audios
 def test_three_dimensional_audio_is_rejected_by_shape(ar_server):
     with pytest.raises(grpcclient.InferenceServerException, match="AUDIO"):
         infer(ar_server.grpc_url, MODEL, GOOD[None, None])
+
+
+def metric_value(metrics_url: str, name: str, model: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url) as response:
+        text = response.read().decode()
+    prefix = f'{name}{{model="{model}"}} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    assert values, f"{name} for {model} not exported"
+    return values[0]
+
+
+def test_custom_metrics_count_audio_tokens_and_rejections(ar_server):
+    before = metric_value(ar_server.metrics_url, "granite_speech_audio_seconds_total", "ar_feature_extractor")
+    tokens = metric_value(ar_server.metrics_url, "granite_speech_generated_tokens_total", "ar_llm_decoder")
+    rejected = metric_value(ar_server.metrics_url, "granite_speech_rejected_requests_total", "ar_feature_extractor")
+    _, ids = infer(ar_server.grpc_url, MODEL, GOOD, MAX_NEW_TOKENS=("INT32", 5))
+    with pytest.raises(grpcclient.InferenceServerException):
+        infer(ar_server.grpc_url, MODEL, GOOD, LANGUAGE=("BYTES", "xx"))
+    url = ar_server.metrics_url
+    after = metric_value(url, "granite_speech_audio_seconds_total", "ar_feature_extractor")
+    assert after - before == pytest.approx(GOOD.shape[0] / 16_000)
+    assert metric_value(url, "granite_speech_generated_tokens_total", "ar_llm_decoder") - tokens == len(ids)
+    assert metric_value(url, "granite_speech_rejected_requests_total", "ar_feature_extractor") - rejected == 1
+    assert metric_value(url, "granite_speech_batch_requests", "ar_llm_decoder") >= 1

@@ -25,7 +25,7 @@ STACK = 2  # mel frames stacked into one encoder frame (20 ms)
 FEATURE_DIM = N_MELS * STACK  # 160
 LOG_FLOOR = 1e-10  # power floor before log10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the utterance's maximum
-MIN_SAMPLES = N_FFT // 2 + 1  # reflect padding of the centred STFT needs more than n_fft/2 samples
+MIN_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: five NAR encoder frames, one projector row
 MAX_PEAK = 2.0  # float audio lives in [-1, 1]; far beyond means integer PCM sent as float
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from .errors import CheckpointError
 
 
-def _pick(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+def known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in values.items() if k in names}
 
@@ -40,7 +40,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
-        cfg = cls(**_pick(cls, {k: v for k, v in values.items() if v is not None}))
+        cfg = cls(**known_fields(cls, {k: v for k, v in values.items() if v is not None}))
         if not cfg.self_conditioning_layer:
             cfg = cls(**{**cfg.__dict__, "self_conditioning_layer": cfg.num_layers // 2})
         if cfg.context_size <= 0 or cfg.context_size > cfg.max_pos_emb:

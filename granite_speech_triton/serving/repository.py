@@ -34,6 +34,7 @@ class DeploySettings:
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
     max_audio_seconds: float = 120.0  # longer audio is rejected (the client splits it)
     max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
+    pack_token_budget: int = 4096  # NAR head: tokens per packed sequence (dense mask cost grows as its square)
     cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
 
     def __post_init__(self) -> None:
@@ -41,7 +42,7 @@ class DeploySettings:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_batch_size", "instance_count", "max_new_tokens_limit"):
+        for name in ("max_batch_size", "instance_count", "max_new_tokens_limit", "pack_token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_audio_seconds <= 0:

@@ -64,11 +64,13 @@ class ServerOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    address: str = "127.0.0.1"  # HTTP, gRPC and metrics bind address (0.0.0.0 in a container)
     model_control_mode: str = "none"  # none | explicit (explicit loads `load_models`)
     load_models: list[str] = field(default_factory=list)
     log_verbose: int = 0
     tritonserver: Path | None = None  # default: the nvidia-pytriton binary
     backend_directory: Path | None = None  # default: built from the nvidia-pytriton wheel
+    backend_config: list[str] = field(default_factory=list)  # e.g. python,shm-default-byte-size=67108864
 
     def command(self) -> list[str]:
         binary = self.tritonserver or pytriton_root() / "bin" / "tritonserver"
@@ -79,13 +81,14 @@ class ServerOptions:
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
             f"--model-control-mode={self.model_control_mode}",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ]
+        cmd += [f"--backend-config={value}" for value in self.backend_config]
         cmd += [f"--load-model={name}" for name in self.load_models]
         return cmd
 
@@ -97,6 +100,8 @@ class ServerOptions:
         The wheel's bundled libraries come next.
         """
         env = dict(os.environ)
+        if self.tritonserver is not None:
+            return env  # another build (the NGC image) brings its own libraries and stub
         libpython_dir = sysconfig.get_config_var("LIBDIR") or ""
         bundled = str(pytriton_root().parent.parent / "nvidia_pytriton.libs")
         paths = (libpython_dir, bundled, env.get("LD_LIBRARY_PATH", ""))

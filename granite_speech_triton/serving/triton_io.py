@@ -97,8 +97,37 @@ def error_response(message: str, invalid_request: bool = True) -> pb_utils.Infer
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
+class Counter:
+    """One labelled Prometheus counter or gauge on Triton's metrics endpoint."""
+
+    def __init__(self, name: str, description: str, model: str, gauge: bool = False) -> None:
+        kind = pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER
+        # The family must outlive its metric, so both are kept.
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self.metric = self.family.Metric(labels={"model": model})
+
+    def add(self, value: float) -> None:
+        self.metric.increment(value)
+
+    def set(self, value: float) -> None:
+        self.metric.set(value)
+
+
 class BatchAdapter:
-    """Base of every `TritonPythonModel`: per-request errors around one batched predict."""
+    """Base of every `TritonPythonModel`: per-request errors around one batched predict.
+
+    Subclasses call `init_metrics(args)` in `initialize` to export batch fill and rejections.
+    """
+
+    batch_fill: Counter | None = None
+    rejected: Counter | None = None
+
+    def init_metrics(self, args: dict[str, str]) -> None:
+        model = args["model_name"]
+        self.batch_fill = Counter(
+            "granite_speech_batch_requests", "Requests in the most recent batch executed", model, gauge=True
+        )
+        self.rejected = Counter("granite_speech_rejected_requests_total", "Requests rejected as invalid", model)
 
     def decode(self, request) -> Any:
         raise NotImplementedError
@@ -117,6 +146,9 @@ class BatchAdapter:
                 valid.append((index, self.decode(request)))
             except RequestError as exc:
                 responses[index] = error_response(str(exc))
+        if self.batch_fill is not None:
+            self.batch_fill.set(len(requests))
+            self.rejected.add(len(requests) - len(valid))
         if valid:
             outputs = self._predict_isolating_failures([item for _, item in valid])
             for (index, _), response in zip(valid, outputs, strict=True):

@@ -1,14 +1,20 @@
 """Triton adapter: stacked log-mel features -> Conformer encoder outputs (contract in config.pbtxt).
 
-Parameters: variant (ar | nar), checkpoint, revision, device, dtype, cpu_threads.
+variant ar:  FEATURES -> HIDDEN (final layer).
+variant nar: FEATURES -> PROJECTOR_INPUT (layers [4, 8, 12, -1]) and DRAFT_IDS (BPE CTC draft).
+Parameters: variant, checkpoint, revision, device, dtype, cpu_threads.
 """
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.encoder import encode_batch, load_encoder
+from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch
+from granite_speech_triton.model.nar import load_nar_config, load_nar_encoder
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -20,23 +26,50 @@ from granite_speech_triton.serving.triton_io import (
 )
 
 WARMUP_FRAMES = 250  # 5 s of audio: crosses an attention block boundary
+Outputs = dict[str, torch.Tensor | np.ndarray]
+
+
+def ar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
+    encoder = load_encoder(checkpoint, ARModelConfig.from_dict(read_config_json(checkpoint)).encoder, device, dtype)
+    return lambda features: [{"HIDDEN": h} for h in encode_batch(encoder, features)]
+
+
+def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
+    encoder = load_nar_encoder(checkpoint, load_nar_config(checkpoint), device, dtype)
+
+    def run(features: list[torch.Tensor]) -> list[Outputs]:
+        padded, lengths = pad_batch([f.to(device) for f in features])
+        out = encoder.encode(padded, lengths)
+        return [
+            {"PROJECTOR_INPUT": x, "DRAFT_IDS": np.array(draft, dtype=np.int32)}
+            for x, draft in zip(out.projector_inputs, out.drafts, strict=True)
+        ]
+
+    return run
+
+
+ENCODERS = {"ar": ar_encoder, "nar": nar_encoder}
 
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         params = model_parameters(args)
         configure_threads(params)
+        self.init_metrics(args)
         checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
-        config = ARModelConfig.from_dict(read_config_json(checkpoint))
         device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
-        self.encoder = load_encoder(checkpoint, config.encoder, device, dtype)
+        self.encoder = ENCODERS[params["variant"]](checkpoint, device, dtype)
         self.predict([torch.randn(WARMUP_FRAMES, FEATURE_DIM)])
 
     def decode(self, request) -> torch.Tensor:
         return sequence_input(request, "FEATURES")
 
-    def predict(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        return encode_batch(self.encoder, features)
+    def predict(self, features: list[torch.Tensor]) -> list[Outputs]:
+        return self.encoder(features)
 
-    def encode(self, hidden: torch.Tensor):
-        return pb_utils.InferenceResponse(output_tensors=[tensor_output("HIDDEN", hidden)])
+    def encode(self, outputs: Outputs):
+        tensors = [
+            tensor_output(name, value, np.float32 if name != "DRAFT_IDS" else np.int32)
+            for name, value in outputs.items()
+        ]
+        return pb_utils.InferenceResponse(output_tensors=tensors)

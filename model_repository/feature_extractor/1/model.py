@@ -15,6 +15,7 @@ from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontE
 from granite_speech_triton.model.prompts import ASR_LANGUAGES, NAR_LANGUAGES, SpeechRequest
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
+    Counter,
     configure_threads,
     model_parameters,
     optional_number,
@@ -36,6 +37,10 @@ class TritonPythonModel(BatchAdapter):
         self.languages = LANGUAGES[variant]
         self.max_samples = int(float(params["max_audio_seconds"]) * SAMPLE_RATE)
         self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
+        self.init_metrics(args)
+        self.audio_seconds = Counter(
+            "granite_speech_audio_seconds_total", "Seconds of audio accepted for processing", args["model_name"]
+        )
         self.predict([(torch.rand(SAMPLE_RATE) - 0.5, SpeechRequest())])  # warm up before reporting ready
 
     def decode(self, request) -> tuple[torch.Tensor, SpeechRequest]:
@@ -43,6 +48,7 @@ class TritonPythonModel(BatchAdapter):
         audio = check_waveform(np.asarray(single_item(request, "AUDIO")), int(rate), self.max_samples)
         options = request_options(request)
         options.validate(self.max_new_tokens_limit, self.languages)
+        self.audio_seconds.add(audio.shape[0] / SAMPLE_RATE)
         return audio, options
 
     def predict(self, batch: list[tuple[torch.Tensor, SpeechRequest]]) -> list[tuple[torch.Tensor, str]]:

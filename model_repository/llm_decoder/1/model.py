@@ -12,6 +12,7 @@ from granite_speech_triton.model.prompts import SpeechRequest
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
+    Counter,
     configure_threads,
     model_parameters,
     optional_text,
@@ -32,6 +33,8 @@ class TritonPythonModel(BatchAdapter):
         device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
         self.decoder: PromptedDecoder = load_prompted_decoder(checkpoint, device, dtype)
         self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
+        self.init_metrics(args)
+        self.tokens = Counter("granite_speech_generated_tokens_total", "Tokens generated", args["model_name"])
         hidden = self.decoder.decoder.llm.config.hidden_size
         warmup = SpeechRequest(max_new_tokens=WARMUP_NEW_TOKENS)
         self.predict([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
@@ -45,6 +48,7 @@ class TritonPythonModel(BatchAdapter):
         return self.decoder.run(items)
 
     def encode(self, transcript: Transcript):
+        self.tokens.add(len(transcript.token_ids))
         text = np.array([transcript.text.encode("utf-8")], dtype=np.object_)
         ids = np.array(transcript.token_ids, dtype=np.int32)
         return pb_utils.InferenceResponse(

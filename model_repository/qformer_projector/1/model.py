@@ -1,12 +1,15 @@
-"""Triton adapter: encoder hidden states -> audio embeddings for the LLM (contract in config.pbtxt).
+"""Triton adapter: encoder outputs -> audio embeddings for the LLM (contract in config.pbtxt).
 
-Parameters: variant (ar | nar), checkpoint, revision, device, dtype, cpu_threads.
+variant ar:  HIDDEN -> AUDIO_EMBEDS (BLIP-2 Q-Former, 3 rows per 15 frames).
+variant nar: PROJECTOR_INPUT -> AUDIO_EMBEDS (windowed Q-Former, frames // 5 rows, divided by 12).
+Parameters: variant, checkpoint, revision, device, dtype, cpu_threads.
 """
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
+from granite_speech_triton.model.nar import load_nar_config, load_nar_projector
 from granite_speech_triton.model.projector import load_projector
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
@@ -21,23 +24,37 @@ from granite_speech_triton.serving.triton_io import (
 WARMUP_FRAMES = 250
 
 
+def ar_projector(checkpoint, device, dtype) -> tuple[torch.nn.Module, str, int]:
+    cfg = ARModelConfig.from_dict(read_config_json(checkpoint))
+    return load_projector(checkpoint, cfg.projector, device, dtype), "HIDDEN", cfg.encoder.hidden_dim
+
+
+def nar_projector(checkpoint, device, dtype) -> tuple[torch.nn.Module, str, int]:
+    cfg = load_nar_config(checkpoint)
+    width = cfg.encoder.hidden_dim * len(cfg.encoder_layer_indices)
+    return load_nar_projector(checkpoint, cfg, device, dtype), "PROJECTOR_INPUT", width
+
+
+PROJECTORS = {"ar": ar_projector, "nar": nar_projector}
+
+
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         params = model_parameters(args)
         configure_threads(params)
+        self.init_metrics(args)
         checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
-        config = ARModelConfig.from_dict(read_config_json(checkpoint))
         device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
-        self.projector = load_projector(checkpoint, config.projector, device, dtype)
-        self.predict([torch.randn(WARMUP_FRAMES, config.encoder.hidden_dim)])
+        self.projector, self.input_name, width = PROJECTORS[params["variant"]](checkpoint, device, dtype)
+        self.predict([torch.randn(WARMUP_FRAMES, width)])
 
     def decode(self, request) -> torch.Tensor:
-        return sequence_input(request, "HIDDEN")
+        return sequence_input(request, self.input_name)
 
     @torch.inference_mode()
-    def predict(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    def predict(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         param = next(self.projector.parameters())
-        return self.projector([h.to(param.device, param.dtype) for h in hidden])
+        return self.projector([x.to(param.device, param.dtype) for x in inputs])
 
     def encode(self, embeds: torch.Tensor):
         return pb_utils.InferenceResponse(output_tensors=[tensor_output("AUDIO_EMBEDS", embeds)])

@@ -1,0 +1,72 @@
+"""The NAR ensemble on a real tritonserver: packed batches equal the unpacked in-process model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from audio_samples import espeak, fit_length, mixed_lengths, synthetic
+from test_ar_server import BAD_REQUESTS, GOOD
+from triton_helpers import batch_counts, infer, infer_concurrently
+
+from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
+from granite_speech_triton.model.nar import load_nar_model
+
+pytestmark = pytest.mark.server
+MODEL = "granite_speech_nar"
+
+
+@pytest.fixture(scope="module")
+def audios() -> list[np.ndarray]:
+    extra = [fit_length(espeak("Hallo Welt, wie geht es dir heute?", "de"), 3.3), synthetic(0.5, 9)]
+    return mixed_lengths() + extra
+
+
+def reference_ids(checkpoint, audio: np.ndarray) -> list[int]:
+    """One utterance through the in-process model: no batch, no packing."""
+    model = load_nar_model(checkpoint)
+    features = LogMelFrontEnd(Framing.NAR)(torch.from_numpy(audio))
+    return model.transcribe_ids([features])[0]
+
+
+def test_packed_batches_equal_unpacked_forward(nar_server, tiny_nar_checkpoint, audios):
+    before = batch_counts(nar_server.http_url, "nar_head")
+    results = infer_concurrently(nar_server.grpc_url, MODEL, [(a, {}) for a in audios])
+    expected = [reference_ids(tiny_nar_checkpoint, a) for a in audios]
+    for result, want in zip(results, expected, strict=True):
+        assert not isinstance(result, Exception), str(result)
+        assert result[1] == want
+    assert len({tuple(ids) for ids in expected}) > 3, "tiny model outputs should depend on the input"
+    after = batch_counts(nar_server.http_url, "nar_head")
+    packed = sum(n - before.get(size, 0) for size, n in after.items() if size > 1)
+    assert packed > 0, f"nar_head never packed more than one request: {after}"
+
+
+def test_only_the_requested_variant_is_loaded_then_both_serve_side_by_side(nar_server, audios):
+    client = grpcclient.InferenceServerClient(nar_server.grpc_url)
+    assert client.is_model_ready(MODEL) and client.is_model_ready("nar_head")
+    assert not client.is_model_ready("granite_speech") and not client.is_model_ready("ar_llm_decoder")
+    client.load_model("granite_speech")  # loads its steps too
+    ar_text, _ = infer(nar_server.grpc_url, "granite_speech", audios[2], MAX_NEW_TOKENS=("INT32", 8))
+    nar_text, _ = infer(nar_server.grpc_url, MODEL, audios[2], LANGUAGE=("BYTES", "fr"))
+    assert isinstance(ar_text, str) and isinstance(nar_text, str)
+
+
+NAR_BAD = [item for item in BAD_REQUESTS if not set(item[1]) - {"SAMPLE_RATE"}] + [
+    (GOOD, {"LANGUAGE": ("BYTES", "ja")}, "unsupported LANGUAGE 'ja'"),
+    (GOOD, {"TASK": ("BYTES", "translate")}, "unexpected inference input 'TASK'"),
+]
+
+
+def test_bad_requests_fail_clearly_without_hurting_batch_mates(nar_server, audios):
+    good = [(audio, {}) for audio in audios[:6]]
+    alone = [infer(nar_server.grpc_url, MODEL, audio) for audio, _ in good]
+    mixed = [item for pair in zip(good, NAR_BAD[:6], strict=True) for item in pair] + NAR_BAD[6:]
+    results = infer_concurrently(nar_server.grpc_url, MODEL, [(a, o) for a, o, *_ in mixed])
+    assert [r for item, r in zip(mixed, results, strict=True) if len(item) == 2] == alone
+    for item, result in zip(mixed, results, strict=True):
+        if len(item) == 3:
+            assert isinstance(result, grpcclient.InferenceServerException), f"{item[2]!r} was accepted"
+            assert item[2] in result.message(), result.message()
+    assert grpcclient.InferenceServerClient(nar_server.grpc_url).is_model_ready(MODEL)
