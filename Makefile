@@ -26,7 +26,7 @@ demo: setup  ## the main job: serve CHECKPOINT and transcribe AUDIO through the 
 demo-tiny: setup  ## the main job on tiny random-weight checkpoints (meaningless text; smoke run)
 	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint build/tiny-ar
 	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint --nar build/tiny-nar
-	$(MAKE) demo CHECKPOINT=build/tiny-ar NAR_CHECKPOINT=build/tiny-nar
+	$(MAKE) demo CHECKPOINT=build/tiny-ar NAR_CHECKPOINT=build/tiny-nar VARIANTS=ar,nar
 
 serve: setup  ## tritonserver in the foreground on ports 8000/8001/8002
 	$(PY) -m granite_speech_triton.cli serve --variants $(VARIANTS) \

@@ -12,6 +12,7 @@ are rejected. Environment variables GST_<KEY> (e.g. GST_DEVICE=cuda) set default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -72,8 +73,25 @@ def server_options(args: argparse.Namespace, repositories: list[Path]) -> server
     )
 
 
+def resolved(settings: DeploySettings, variants: tuple[str, ...]) -> DeploySettings:
+    """Settings whose checkpoints are local directories: hub ids are downloaded once, here,
+    instead of by every model instance, and an unreachable hub fails before the server starts."""
+    from .model.errors import CheckpointError
+    from .model.weights import resolve_checkpoint
+
+    paths = {}
+    try:
+        if "ar" in variants:
+            paths["ar_checkpoint"] = str(resolve_checkpoint(settings.ar_checkpoint))
+        if "nar" in variants:
+            paths["nar_checkpoint"] = str(resolve_checkpoint(settings.nar_checkpoint, settings.nar_revision or None))
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}\n(no network? `make demo-tiny` runs on tiny random checkpoints)") from exc
+    return dataclasses.replace(settings, **paths)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    repositories = render(args.out, settings_from(args.set), args.variants)
+    repositories = render(args.out, resolved(settings_from(args.set), args.variants), args.variants)
     options = server_options(args, repositories)
     os.execvpe(options.command()[0], options.command(), options.environment())
     return 1  # not reached
@@ -82,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    repositories = render(args.out, settings_from(args.set), args.variants)
+    repositories = render(args.out, resolved(settings_from(args.set), args.variants), args.variants)
     options = server_options(args, repositories)
     return run_demo(options, args.audio, args.variants, Path(args.out) / "server.log")
 
