@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.prompts import DEFAULT_MAX_NEW_TOKENS, SpeechRequest, parse_keywords
+from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 
 log = logging.getLogger("granite_speech_triton")
 
@@ -113,14 +116,33 @@ class Counter:
         self.metric.set(value)
 
 
+@dataclass(frozen=True)
+class StageSettings:
+    """What a model instance reads from its config.pbtxt parameters and Triton's arguments."""
+
+    params: dict[str, str]
+    device: torch.device
+    dtype: torch.dtype
+
+    def checkpoint(self) -> Path:
+        return resolve_checkpoint(self.params["checkpoint"], self.params.get("revision") or None)
+
+
 class BatchAdapter:
     """Base of every `TritonPythonModel`: per-request errors around one batched predict.
 
-    Subclasses call `init_metrics(args)` in `initialize` to export batch fill and rejections.
+    Subclasses call `setup(args)` first in `initialize`.
     """
 
     batch_fill: Counter | None = None
     rejected: Counter | None = None
+
+    def setup(self, args: dict[str, str]) -> StageSettings:
+        """Parameters, device and dtype; torch threads configured; batch metrics exported."""
+        params = model_parameters(args)
+        configure_threads(params)
+        self.init_metrics(args)
+        return StageSettings(params, torch_device(args, params["device"]), parse_dtype(params.get("dtype", "float32")))
 
     def init_metrics(self, args: dict[str, str]) -> None:
         model = args["model_name"]

@@ -15,14 +15,10 @@ from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch
 from granite_speech_triton.model.nar import load_nar_config, load_nar_encoder
-from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
-    configure_threads,
-    model_parameters,
     sequence_input,
     tensor_output,
-    torch_device,
 )
 
 WARMUP_FRAMES = 250  # 5 s of audio: crosses an attention block boundary
@@ -53,12 +49,8 @@ ENCODERS = {"ar": ar_encoder, "nar": nar_encoder}
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
-        params = model_parameters(args)
-        configure_threads(params)
-        self.init_metrics(args)
-        checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
-        device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
-        self.encoder = ENCODERS[params["variant"]](checkpoint, device, dtype)
+        stage = self.setup(args)
+        self.encoder = ENCODERS[stage.params["variant"]](stage.checkpoint(), stage.device, stage.dtype)
         self.predict([torch.randn(WARMUP_FRAMES, FEATURE_DIM)])
 
     def decode(self, request) -> torch.Tensor:

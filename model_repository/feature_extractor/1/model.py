@@ -16,13 +16,10 @@ from granite_speech_triton.model.prompts import ASR_LANGUAGES, NAR_LANGUAGES, Sp
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
     Counter,
-    configure_threads,
-    model_parameters,
     optional_number,
     request_options,
     single_item,
     tensor_output,
-    torch_device,
 )
 
 LANGUAGES = {"ar": ASR_LANGUAGES, "nar": NAR_LANGUAGES}
@@ -30,14 +27,12 @@ LANGUAGES = {"ar": ASR_LANGUAGES, "nar": NAR_LANGUAGES}
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
-        params = model_parameters(args)
-        configure_threads(params)
-        variant = params["variant"]
-        self.front_end = LogMelFrontEnd(Framing(variant), torch_device(args, params["device"]))
+        stage = self.setup(args)
+        variant = stage.params["variant"]
+        self.front_end = LogMelFrontEnd(Framing(variant), stage.device)
         self.languages = LANGUAGES[variant]
-        self.max_samples = int(float(params["max_audio_seconds"]) * SAMPLE_RATE)
-        self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
-        self.init_metrics(args)
+        self.max_samples = int(float(stage.params["max_audio_seconds"]) * SAMPLE_RATE)
+        self.max_new_tokens_limit = int(stage.params["max_new_tokens_limit"])
         self.audio_seconds = Counter(
             "granite_speech_audio_seconds_total", "Seconds of audio accepted for processing", args["model_name"]
         )

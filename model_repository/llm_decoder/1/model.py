@@ -9,16 +9,12 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.decoder import DecodeItem, PromptedDecoder, Transcript, load_prompted_decoder
 from granite_speech_triton.model.prompts import SpeechRequest
-from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
     Counter,
-    configure_threads,
-    model_parameters,
     optional_text,
     sequence_input,
     tensor_output,
-    torch_device,
 )
 
 WARMUP_AUDIO_TOKENS = 30
@@ -27,13 +23,9 @@ WARMUP_NEW_TOKENS = 4
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
-        params = model_parameters(args)
-        configure_threads(params)
-        checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
-        device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
-        self.decoder: PromptedDecoder = load_prompted_decoder(checkpoint, device, dtype)
-        self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
-        self.init_metrics(args)
+        stage = self.setup(args)
+        self.decoder: PromptedDecoder = load_prompted_decoder(stage.checkpoint(), stage.device, stage.dtype)
+        self.max_new_tokens_limit = int(stage.params["max_new_tokens_limit"])
         self.tokens = Counter("granite_speech_generated_tokens_total", "Tokens generated", args["model_name"])
         hidden = self.decoder.decoder.llm.config.hidden_size
         warmup = SpeechRequest(max_new_tokens=WARMUP_NEW_TOKENS)

@@ -9,16 +9,12 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.decoder import load_tokenizer
 from granite_speech_triton.model.nar import load_nar_config, load_nar_language_model
-from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
     Counter,
-    configure_threads,
-    model_parameters,
     sequence_input,
     single_item,
     tensor_output,
-    torch_device,
 )
 
 WARMUP_ROWS = 50
@@ -26,16 +22,13 @@ WARMUP_ROWS = 50
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
-        params = model_parameters(args)
-        configure_threads(params)
-        self.init_metrics(args)
+        stage = self.setup(args)
         self.tokens = Counter("granite_speech_generated_tokens_total", "Tokens generated", args["model_name"])
-        checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
+        checkpoint = stage.checkpoint()
         cfg = load_nar_config(checkpoint)
-        device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
-        self.head = load_nar_language_model(checkpoint, cfg, device, dtype)
+        self.head = load_nar_language_model(checkpoint, cfg, stage.device, stage.dtype)
         self.tokenizer = load_tokenizer(checkpoint)
-        self.pack_budget = int(params["pack_token_budget"])
+        self.pack_budget = int(stage.params["pack_token_budget"])
         self.predict([(torch.randn(WARMUP_ROWS, cfg.text["hidden_size"]), [1, 2, 3])])
 
     def decode(self, request) -> tuple[torch.Tensor, list[int]]:

@@ -11,14 +11,10 @@ import triton_python_backend_utils as pb_utils
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.nar import load_nar_config, load_nar_projector
 from granite_speech_triton.model.projector import load_projector
-from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
-    configure_threads,
-    model_parameters,
     sequence_input,
     tensor_output,
-    torch_device,
 )
 
 WARMUP_FRAMES = 250
@@ -40,12 +36,9 @@ PROJECTORS = {"ar": ar_projector, "nar": nar_projector}
 
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
-        params = model_parameters(args)
-        configure_threads(params)
-        self.init_metrics(args)
-        checkpoint = resolve_checkpoint(params["checkpoint"], params["revision"] or None)
-        device, dtype = torch_device(args, params["device"]), parse_dtype(params["dtype"])
-        self.projector, self.input_name, width = PROJECTORS[params["variant"]](checkpoint, device, dtype)
+        stage = self.setup(args)
+        load = PROJECTORS[stage.params["variant"]]
+        self.projector, self.input_name, width = load(stage.checkpoint(), stage.device, stage.dtype)
         self.predict([torch.randn(WARMUP_FRAMES, width)])
 
     def decode(self, request) -> torch.Tensor:
