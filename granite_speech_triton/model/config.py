@@ -37,6 +37,9 @@ class EncoderConfig:
     self_conditioning_layer: int = 0  # 0 means num_layers // 2 (the AR checkpoints' rule)
     bpe_output_dim: int = 0  # NAR only: size of the `out_bpe` head; 0 when absent
     bpe_pooling_window: int = 4  # NAR only: frames pooled per BPE position
+    # The NAR reference takes the self-conditioning softmax in float32 whatever the model dtype;
+    # transformers' AR encoder takes it in the model dtype. Equal in float32.
+    self_conditioning_fp32: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:

@@ -146,6 +146,11 @@ class ConformerEncoder(nn.Module):
         dists = (seq.view(-1, 1) - seq.view(1, -1)).clamp(-cfg.context_size, cfg.context_size)
         self.register_buffer("attention_dists", dists + cfg.max_pos_emb, persistent=False)  # [C, C]
 
+    def _mid_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.self_conditioning_fp32:
+            return torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        return torch.softmax(logits, dim=-1)
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, keep_hidden_states: bool = False) -> EncoderOutput:
         """features [B, T, 160], lengths [B] -> EncoderOutput; rows past a length are undefined."""
         mask = frame_mask(lengths, features.shape[1])  # [B, T]
@@ -156,7 +161,7 @@ class ConformerEncoder(nn.Module):
             x = layer(x, mask, self.attention_dists)
             if index == self.cfg.self_conditioning_layer:
                 mid_logits = self.out(x)  # [B, T, output_dim]
-                x = x + self.out_mid(torch.softmax(mid_logits, dim=-1))
+                x = x + self.out_mid(self._mid_softmax(mid_logits))
             if hidden is not None:
                 hidden.append(x)
         return EncoderOutput(x, tuple(hidden) if hidden is not None else None, mid_logits)

@@ -104,7 +104,8 @@ class NARModelConfig:
                 f"head over the LLM vocabulary ({vocab}, or {vocab + 1} in the older layout)"
             )
         cfg = cls(
-            encoder=replace(encoder, bpe_output_dim=vocab),  # the older head is converted on load
+            # bpe_output_dim: the older 1 + vocab head is converted on load
+            encoder=replace(encoder, bpe_output_dim=vocab, self_conditioning_fp32=True),
             projector=NARProjectorConfig.from_dict(values.get("projector_config") or {}),
             text=dict(text),
             encoder_layer_indices=tuple(values.get("encoder_layer_indices", cls.encoder_layer_indices)),
