@@ -11,6 +11,7 @@ from test_ar_server import BAD_REQUESTS, GOOD
 from triton_helpers import batch_counts, infer, infer_concurrently
 
 from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
+from granite_speech_triton.model.encoder import pad_batch
 from granite_speech_triton.model.nar import load_nar_model
 
 pytestmark = pytest.mark.server
@@ -19,7 +20,11 @@ MODEL = "granite_speech_nar"
 
 @pytest.fixture(scope="module")
 def audios() -> list[np.ndarray]:
-    extra = [fit_length(espeak("Hallo Welt, wie geht es dir heute?", "de"), 3.3), synthetic(0.5, 9)]
+    extra = [
+        fit_length(espeak("Hallo Welt, wie geht es dir heute?", "de"), 3.3),
+        synthetic(0.5, 9),
+        np.full(16_000, 0.3, np.float32),  # the tiny model drafts nothing here: an empty DRAFT_IDS tensor
+    ]
     return mixed_lengths() + extra
 
 
@@ -38,6 +43,8 @@ def test_packed_batches_equal_unpacked_forward(nar_server, tiny_nar_checkpoint, 
         assert not isinstance(result, Exception), str(result)
         assert result[1] == want
     assert len({tuple(ids) for ids in expected}) > 3, "tiny model outputs should depend on the input"
+    features = LogMelFrontEnd(Framing.NAR)(torch.from_numpy(audios[-1]))
+    assert load_nar_model(tiny_nar_checkpoint).encoder.encode(*pad_batch([features])).drafts == [[]]
     after = batch_counts(nar_server.http_url, "nar_head")
     packed = sum(n - before.get(size, 0) for size, n in after.items() if size > 1)
     assert packed > 0, f"nar_head never packed more than one request: {after}"
