@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from audio_samples import mixed_lengths, synthetic
+from audio_samples import mixed_lengths
+from bad_inputs import BAD_REQUESTS, GOOD
 from reference import CARD_INSTRUCTIONS, reference_generate
 from triton_helpers import batch_counts, infer, infer_concurrently
 
@@ -65,26 +66,6 @@ def test_default_options_and_keywords_match_reference(ar_server, tiny_ar_checkpo
     _, ids = infer(ar_server.grpc_url, MODEL, audio, **keywords)
     instruction = "transcribe the speech to text. Keywords: Granite, Triton"
     assert ids == reference_generate(tiny_ar_checkpoint, audio, instruction, 16)
-
-
-GOOD = synthetic(1.3, 7)
-BAD_REQUESTS = [
-    (np.zeros(0, np.float32), {}, "AUDIO is empty"),
-    (np.zeros(16_000, np.float32), {}, "silent"),
-    (np.where(np.arange(16_000) == 5, np.nan, GOOD[:16_000]).astype(np.float32), {}, "NaN or infinite"),
-    (np.where(np.arange(16_000) == 9, np.inf, GOOD[:16_000]).astype(np.float32), {}, "NaN or infinite"),
-    (np.stack([GOOD, GOOD]), {}, "one item per request"),
-    (GOOD.astype(np.float64), {}, "expects 'FP32'"),
-    (GOOD * 32768, {}, "integer PCM"),
-    (synthetic(41.0, 8), {}, "limit is 40.0 s"),
-    (GOOD, {"SAMPLE_RATE": ("INT32", 8000)}, "resample to 16000 Hz"),
-    (GOOD, {"TASK": ("BYTES", "summarize")}, "unknown TASK 'summarize'"),
-    (GOOD, {"LANGUAGE": ("BYTES", "xx")}, "unsupported LANGUAGE 'xx'"),
-    (GOOD, {"TASK": ("BYTES", "translate"), "TARGET_LANGUAGE": ("BYTES", "ko")}, "unsupported TARGET_LANGUAGE"),
-    (GOOD, {"TASK": ("BYTES", "translate")}, "TARGET_LANGUAGE"),
-    (GOOD, {"MAX_NEW_TOKENS": ("INT32", 0)}, "MAX_NEW_TOKENS must be in 1..256"),
-    (GOOD, {"MAX_NEW_TOKENS": ("INT32", 100_000)}, "MAX_NEW_TOKENS must be in 1..256"),
-]
 
 
 def test_bad_requests_fail_clearly_without_hurting_batch_mates(ar_server, audios):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from audio_samples import espeak, fit_length, mixed_lengths, synthetic
-from test_ar_server import BAD_REQUESTS, GOOD
+from bad_inputs import BAD_REQUESTS, GOOD
 from triton_helpers import batch_counts, infer, infer_concurrently
 
 from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
