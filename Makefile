@@ -6,6 +6,7 @@ NAR_CHECKPOINT ?= ibm-granite/granite-speech-4.1-2b-nar
 VARIANTS ?= ar
 AUDIO ?= samples/granite_speech_demo.wav
 PYTEST_ARGS ?=
+LOADTEST_VARIANT ?= ar
 
 .PHONY: setup setup-dev system-deps demo demo-tiny serve test lint bench loadtest clean
 
@@ -36,6 +37,9 @@ test: setup-dev  ## lint, then the whole test suite against real tritonserver pr
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`
+	$(PY) -m loadtest.run --server 127.0.0.1:8000 --users 4 --spawn-rate 4 --run-time 20s --variant $(LOADTEST_VARIANT)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

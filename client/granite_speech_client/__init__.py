@@ -1,0 +1,44 @@
+"""Client for Granite Speech 4.1 (AR and NAR) served on NVIDIA Triton.
+
+from granite_speech_client import GraniteSpeechClient
+
+with GraniteSpeechClient("localhost:8001") as client:
+    print(client.transcribe("speech.wav").text)
+"""
+
+from .audio import SAMPLE_RATE, load_audio, split_points
+from .client import GraniteSpeechClient
+from .errors import (
+    AudioInputError,
+    GraniteSpeechError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    RequestTimeoutError,
+    ServerRejectedError,
+    ServerUnreachableError,
+)
+from .options import ASR_LANGUAGES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS
+from .results import Health, ItemResult, Piece, SpeechResult
+
+__all__ = [
+    "ASR_LANGUAGES",
+    "NAR_LANGUAGES",
+    "SAMPLE_RATE",
+    "TASKS",
+    "TRANSLATION_TARGETS",
+    "VARIANTS",
+    "AudioInputError",
+    "GraniteSpeechClient",
+    "GraniteSpeechError",
+    "Health",
+    "InvalidRequestError",
+    "ItemResult",
+    "ModelNotReadyError",
+    "Piece",
+    "RequestTimeoutError",
+    "ServerRejectedError",
+    "ServerUnreachableError",
+    "SpeechResult",
+    "load_audio",
+    "split_points",
+]

@@ -1,0 +1,245 @@
+"""granite-speech: transcribe or translate audio files with Granite Speech served on Triton.
+
+    granite-speech transcribe a.wav b.flac [--variant ar|nar] [--language en] [--json]
+    granite-speech translate a.wav --to fr [--language en] [--punctuate]
+    granite-speech health
+
+Exit codes:
+  0  every file succeeded
+  1  partial failure (some files failed, or files failed for different reasons)
+  2  usage error or invalid option (language, task, keywords...)
+  3  server unreachable
+  4  model (ensemble) not ready or not deployed
+  5  bad input file (missing, unreadable, unsupported format)
+  6  server rejected the request (its message is printed)
+  7  request timed out
+When every file fails for the same reason, the exit code is that reason's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from .client import GraniteSpeechClient
+from .errors import GraniteSpeechError
+from .options import ASR_LANGUAGES, ENSEMBLES, TRANSLATION_TARGETS, VARIANTS, RequestOptions, parse_keywords
+from .results import ItemResult
+
+EXIT_OK, EXIT_PARTIAL = 0, 1
+BAR_WIDTH = 30  # characters
+
+
+class Progress:
+    """A one-line progress bar on stderr: [#####-----] 5/10 files, 1 failed, 3.2 s."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.total, self.enabled, self.stream = total, enabled, stream
+        self.done = self.failed = 0
+        self.started = time.monotonic()
+
+    def update(self, item: ItemResult) -> None:
+        self.done += 1
+        self.failed += not item.ok
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        filled = BAR_WIDTH * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        elapsed = time.monotonic() - self.started
+        line = f"[{bar}] {self.done}/{self.total} files, {self.failed} failed, {elapsed:.1f} s"
+        self.stream.write("\r" + line)
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class OrderedPrinter:
+    """Prints results in input order as soon as every earlier one has arrived."""
+
+    def __init__(self, as_json: bool, total: int, progress: Progress) -> None:
+        self.as_json, self.total, self.progress = as_json, total, progress
+        self.pending: dict[int, ItemResult] = {}
+        self.next_index = 0
+
+    def __call__(self, item: ItemResult) -> None:
+        self.pending[item.index] = item
+        while self.next_index in self.pending:
+            self.emit(self.pending.pop(self.next_index))
+            self.next_index += 1
+        self.progress.update(item)
+
+    def emit(self, item: ItemResult) -> None:
+        self.progress.clear()
+        if self.as_json:
+            print(json.dumps(item.to_dict(), ensure_ascii=False), flush=True)
+        elif item.result is not None:
+            print(item.result.text if self.total == 1 else f"{item.source}: {item.result.text}", flush=True)
+        if item.error is not None:
+            message = str(item.error)
+            where = "" if message.startswith(item.source) else f"{item.source}: "
+            print(f"error: {where}{message}", file=sys.stderr, flush=True)
+
+
+def summary_exit_code(items: list[ItemResult]) -> int:
+    failed = [item.error for item in items if item.error is not None]
+    if not failed:
+        return EXIT_OK
+    codes = {error.exit_code for error in failed}
+    return codes.pop() if len(failed) == len(items) and len(codes) == 1 else EXIT_PARTIAL
+
+
+def make_client(args: argparse.Namespace) -> GraniteSpeechClient:
+    return GraniteSpeechClient(args.server, args.protocol, timeout_s=args.timeout, retries=args.retries)
+
+
+def run_files(args: argparse.Namespace, options: RequestOptions, run_many: Callable[..., list[ItemResult]]) -> int:
+    """Validate, check the server once, then process every file with a progress bar."""
+    options.validate()
+    args.client.check_ready(options.variant)
+    show_bar = args.progress if args.progress is not None else len(args.files) > 1 and sys.stderr.isatty()
+    progress = Progress(len(args.files), show_bar)
+    progress.draw()
+    try:
+        items = run_many(
+            args.files, max_in_flight=args.max_in_flight, on_result=OrderedPrinter(args.json, len(args.files), progress)
+        )
+    finally:
+        progress.finish()
+    return summary_exit_code(items)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    keywords = parse_keywords(args.keywords)
+    options = RequestOptions(
+        args.variant, "transcribe", args.language, None, keywords, args.punctuate, args.max_new_tokens
+    )
+    return run_files(
+        args,
+        options,
+        lambda files, **kw: args.client.transcribe_many(
+            files,
+            variant=args.variant,
+            language=args.language,
+            keywords=keywords,
+            punctuate=args.punctuate,
+            max_new_tokens=args.max_new_tokens,
+            **kw,
+        ),
+    )
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    options = RequestOptions("ar", "translate", args.language, args.to, (), args.punctuate, args.max_new_tokens)
+    return run_files(
+        args,
+        options,
+        lambda files, **kw: args.client.translate_many(
+            files,
+            target_language=args.to,
+            language=args.language,
+            punctuate=args.punctuate,
+            max_new_tokens=args.max_new_tokens,
+            **kw,
+        ),
+    )
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server is ready and the asked variant (default: any ensemble) is ready."""
+    health = args.client.health()
+    wanted = [ENSEMBLES[args.variant]] if args.variant else list(ENSEMBLES.values())
+    if args.json:
+        print(json.dumps({"server": args.client.settings.url, **health.to_dict()}))
+    else:
+        yes_no = {True: "yes", False: "no"}
+        print(f"server {args.client.settings.url}: live {yes_no[health.live]}, ready {yes_no[health.ready]}")
+        for variant, name in ENSEMBLES.items():
+            print(f"{name} ({variant}): {'ready' if health.ensembles[name] else 'not ready'}")
+    ok = health.live and health.ready and any(health.ensembles[name] for name in wanted)
+    return EXIT_OK if ok else 4
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--server", default=None, help="host:port (default localhost:8001 grpc, localhost:8000 http)")
+    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    group.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per-request timeout (default 300)")
+    group.add_argument("--retries", type=int, default=2, help="retries after connection failures (default 2)")
+
+
+def add_file_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, ...)")
+    parser.add_argument("--language", choices=ASR_LANGUAGES, default="en", help="spoken language (default en)")
+    parser.add_argument("--punctuate", action="store_true", help="punctuated, truecased output (AR only)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="AR decode limit")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
+    parser.add_argument("--max-in-flight", type=int, default=8, metavar="N", help="concurrent requests (default 8)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: many files, tty)",
+    )
+    add_connection_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="granite-speech",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__[__doc__.index("Exit codes:") :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    transcribe = sub.add_parser(
+        "transcribe", help="speech to text", epilog=parser.epilog, formatter_class=parser.formatter_class
+    )
+    add_file_arguments(transcribe)
+    transcribe.add_argument("--variant", choices=VARIANTS, default="ar", help="ar (default) or nar")
+    transcribe.add_argument("--keywords", default=None, help="comma-separated words to bias towards (AR only)")
+    transcribe.set_defaults(func=cmd_transcribe)
+    translate = sub.add_parser(
+        "translate",
+        help="speech to text in another language (AR)",
+        epilog=parser.epilog,
+        formatter_class=parser.formatter_class,
+    )
+    add_file_arguments(translate)
+    translate.add_argument("--to", required=True, choices=TRANSLATION_TARGETS, help="target language")
+    translate.set_defaults(func=cmd_translate)
+    health = sub.add_parser("health", help="server liveness/readiness and each ensemble's readiness")
+    health.add_argument("--variant", choices=VARIANTS, default=None, help="exit 4 unless this variant is ready")
+    health.add_argument("--json", action="store_true", help="print one JSON object")
+    add_connection_arguments(health)
+    health.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with make_client(args) as args.client:
+            return args.func(args)
+    except GraniteSpeechError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

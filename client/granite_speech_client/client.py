@@ -1,0 +1,267 @@
+"""GraniteSpeechClient: transcribe or translate audio with Granite Speech served on Triton."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, AudioSource, Span, is_digital_silence, load_audio, split_points
+from .errors import AudioInputError, GraniteSpeechError, InvalidRequestError, ModelNotReadyError
+from .options import ENSEMBLES, FEATURE_EXTRACTORS, VARIANTS, RequestOptions, parse_keywords
+from .results import Health, ItemResult, Piece, SpeechResult
+from .transport import ConnectionSettings, TransportPool, normalize_url
+
+DEFAULT_MAX_AUDIO_SECONDS = 120.0  # used when the server's feature extractor does not say
+OUTPUTS = ("TEXT", "TOKEN_IDS")
+
+Keywords = str | Sequence[str] | None
+
+
+class GraniteSpeechClient:
+    """A client of the `granite_speech` (AR) and `granite_speech_nar` (NAR) ensembles.
+
+    One instance may be shared by threads (each thread gets its own tritonclient connection).
+    Audio may be a file path, the bytes of a file (wav, flac, ogg, anything soundfile reads) or a
+    numpy array [samples] / [samples, channels] with `sample_rate`. It is downmixed to mono and
+    resampled to 16 kHz; audio longer than the server's limit is split at quiet points.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 10.0,
+        retries: int = 2,
+        retry_backoff_s: float = 0.5,
+        max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
+    ) -> None:
+        self.settings = ConnectionSettings(
+            normalize_url(url, protocol), protocol, timeout_s, connect_timeout_s, retries, retry_backoff_s
+        )
+        self.fallback_max_audio_seconds = max_audio_seconds
+        self._pool = TransportPool(self.settings)
+        self._limits: dict[str, float] = {}
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audio: AudioSource,
+        *,
+        variant: str = "ar",
+        language: str = "en",
+        keywords: Keywords = None,
+        punctuate: bool = False,
+        max_new_tokens: int | None = None,
+        sample_rate: int | None = None,
+    ) -> SpeechResult:
+        """Speech -> text in `language`. keywords, punctuate and max_new_tokens are AR only."""
+        options = RequestOptions(
+            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
+        )
+        return self._run(audio, options, sample_rate)
+
+    def translate(
+        self,
+        audio: AudioSource,
+        *,
+        target_language: str,
+        language: str = "en",
+        variant: str = "ar",
+        punctuate: bool = False,
+        max_new_tokens: int | None = None,
+        sample_rate: int | None = None,
+    ) -> SpeechResult:
+        """Speech in `language` -> text in `target_language` (AR only; one side English)."""
+        options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
+        return self._run(audio, options, sample_rate)
+
+    def transcribe_many(
+        self,
+        items: Iterable[AudioSource],
+        *,
+        max_in_flight: int = 8,
+        on_result: Callable[[ItemResult], None] | None = None,
+        variant: str = "ar",
+        language: str = "en",
+        keywords: Keywords = None,
+        punctuate: bool = False,
+        max_new_tokens: int | None = None,
+        sample_rate: int | None = None,
+    ) -> list[ItemResult]:
+        """Transcribe many inputs concurrently, at most `max_in_flight` at a time.
+
+        Returns one ItemResult per input, in input order; a failed item carries its error and
+        does not affect the others. `on_result` is called (in this thread) as each item ends.
+        Bad options raise InvalidRequestError before anything is sent.
+        """
+        options = RequestOptions(
+            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
+        )
+        return self._many(list(items), options, sample_rate, max_in_flight, on_result)
+
+    def translate_many(
+        self,
+        items: Iterable[AudioSource],
+        *,
+        target_language: str,
+        max_in_flight: int = 8,
+        on_result: Callable[[ItemResult], None] | None = None,
+        language: str = "en",
+        variant: str = "ar",
+        punctuate: bool = False,
+        max_new_tokens: int | None = None,
+        sample_rate: int | None = None,
+    ) -> list[ItemResult]:
+        """`translate` for many inputs; see `transcribe_many`."""
+        options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
+        return self._many(list(items), options, sample_rate, max_in_flight, on_result)
+
+    def max_audio_seconds(self, variant: str = "ar") -> float:
+        """The server's audio limit for `variant` (its feature extractor's `max_audio_seconds`)."""
+        check_variant(variant)
+        if variant not in self._limits:
+            model = FEATURE_EXTRACTORS[variant]
+            try:
+                parameters = self._pool.get().model_parameters(model)
+            except ModelNotReadyError as exc:
+                raise ModelNotReadyError(
+                    f"variant {variant!r} is not served by {self.settings.url}: "
+                    f"model {model!r} (part of ensemble {ENSEMBLES[variant]!r}) is not available ({exc})"
+                ) from exc
+            value = parameters.get("max_audio_seconds", "")
+            self._limits[variant] = float(value) if value else self.fallback_max_audio_seconds
+        return self._limits[variant]
+
+    def health(self) -> Health:
+        """Server liveness and readiness, and the readiness of each ensemble."""
+        transport = self._pool.get()
+        live = transport.call("is_server_live")
+        ready = transport.call("is_server_ready")
+        ensembles = {name: bool(transport.call("is_model_ready", name)) for name in ENSEMBLES.values()}
+        return Health(bool(live), bool(ready), ensembles)
+
+    def check_ready(self, variant: str = "ar") -> None:
+        """Raise ServerUnreachableError or ModelNotReadyError unless `variant` can be served."""
+        ensemble = ENSEMBLES[check_variant(variant)]
+        if not self._pool.get().call("is_model_ready", ensemble):
+            raise ModelNotReadyError(f"ensemble {ensemble!r} (variant {variant}) is not ready on {self.settings.url}")
+        self.max_audio_seconds(variant)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> GraniteSpeechClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- one input --------------------------------------------------------------------------
+
+    def _run(self, audio: AudioSource, options: RequestOptions, sample_rate: int | None) -> SpeechResult:
+        options.validate()
+        waveform = load_audio(audio, sample_rate)
+        limit = self.max_audio_seconds(options.variant)
+        seconds = waveform.shape[0] / SAMPLE_RATE
+        if seconds <= limit:
+            started = time.perf_counter()
+            text, token_ids = self._infer(waveform, options)
+            return SpeechResult(text, token_ids, options.variant, options.task, seconds, time.perf_counter() - started)
+        pieces = tuple(self._piece(waveform, span, options) for span in split_points(waveform, limit))
+        sent = [p for p in pieces if not p.skipped]
+        if not sent:
+            raise AudioInputError("audio is silent (every sample is zero)")
+        text = " ".join(p.text.strip() for p in sent if p.text.strip())
+        token_ids = tuple(t for p in sent for t in p.token_ids)
+        latency = sum(p.latency_s for p in sent)
+        return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, pieces)
+
+    def _piece(self, waveform: np.ndarray, span: Span, options: RequestOptions) -> Piece:
+        start_s, end_s = span.seconds
+        samples = waveform[span.start : span.end]
+        if is_digital_silence(samples):
+            return Piece(start_s, end_s, "", (), 0.0, skipped=True)
+        started = time.perf_counter()
+        text, token_ids = self._infer(samples, options)
+        return Piece(start_s, end_s, text, token_ids, time.perf_counter() - started)
+
+    def _infer(self, waveform: np.ndarray, options: RequestOptions) -> tuple[str, tuple[int, ...]]:
+        outputs = self._pool.get().infer(ENSEMBLES[options.variant], request_inputs(waveform, options), OUTPUTS)
+        text = outputs["TEXT"].reshape(-1)[0]
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        return text, tuple(int(t) for t in outputs["TOKEN_IDS"].reshape(-1))
+
+    # ---- many inputs ------------------------------------------------------------------------
+
+    def _many(
+        self,
+        items: list[AudioSource],
+        options: RequestOptions,
+        sample_rate: int | None,
+        max_in_flight: int,
+        on_result: Callable[[ItemResult], None] | None,
+    ) -> list[ItemResult]:
+        if max_in_flight < 1:
+            raise InvalidRequestError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        options.validate()
+        results: list[ItemResult] = [ItemResult(i, source_name(item, i)) for i, item in enumerate(items)]
+        workers: set[int] = set()
+
+        def work(index: int) -> ItemResult:
+            workers.add(threading.get_ident())
+            try:
+                return ItemResult(index, results[index].source, result=self._run(items[index], options, sample_rate))
+            except GraniteSpeechError as exc:
+                return ItemResult(index, results[index].source, error=exc)
+
+        try:
+            with ThreadPoolExecutor(max(1, min(max_in_flight, len(items))), "granite-speech") as pool:
+                for future in as_completed([pool.submit(work, i) for i in range(len(items))]):
+                    item = future.result()
+                    results[item.index] = item
+                    if on_result is not None:
+                        on_result(item)
+        finally:
+            self._pool.discard(workers)  # the worker threads are gone; close their connections
+        return results
+
+
+def request_inputs(waveform: np.ndarray, options: RequestOptions) -> dict[str, np.ndarray]:
+    """The ensemble's inputs; optional ones only when they differ from the server's defaults."""
+    inputs = {"AUDIO": waveform.reshape(1, -1).astype(np.float32, copy=False)}  # [1, samples]
+    texts = {
+        "TASK": options.task if options.task != "transcribe" else None,
+        "LANGUAGE": options.language if options.language != "en" else None,
+        "TARGET_LANGUAGE": options.target_language,
+        "KEYWORDS": ",".join(options.keywords) or None,
+    }
+    for name, value in texts.items():
+        if value:
+            inputs[name] = np.array([[value.encode("utf-8")]], dtype=np.object_)  # [1, 1]
+    if options.punctuate:
+        inputs["PUNCTUATE"] = np.array([[True]])
+    if options.max_new_tokens is not None:
+        inputs["MAX_NEW_TOKENS"] = np.array([[options.max_new_tokens]], dtype=np.int32)
+    return inputs
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise InvalidRequestError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def source_name(item: AudioSource, index: int) -> str:
+    if isinstance(item, (bytes, bytearray)):
+        return f"<bytes #{index}>"
+    if isinstance(item, np.ndarray):
+        return f"<array #{index}>"
+    return str(Path(item))

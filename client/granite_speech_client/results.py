@@ -1,0 +1,75 @@
+"""Typed, immutable results returned by GraniteSpeechClient."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import GraniteSpeechError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One request of a split (long) file."""
+
+    start_s: float  # where the piece starts in the 16 kHz audio
+    end_s: float
+    text: str
+    token_ids: tuple[int, ...]
+    latency_s: float
+    skipped: bool = False  # digital silence: not sent (the server rejects all-zero audio)
+
+
+@dataclass(frozen=True)
+class SpeechResult:
+    """A transcript or translation of one audio input."""
+
+    text: str
+    token_ids: tuple[int, ...]  # of every piece, in order
+    variant: str  # ar | nar
+    task: str  # transcribe | translate
+    audio_seconds: float  # length of the 16 kHz mono audio
+    latency_s: float  # wall time of the request(s), decoding and splitting excluded
+    pieces: tuple[Piece, ...] = ()  # empty unless the audio was longer than the server's limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The outcome of one item of `transcribe_many` / `translate_many`: a result or an error."""
+
+    index: int  # position in the input
+    source: str  # the file path, or "<bytes #i>" / "<array #i>"
+    result: SpeechResult | None = None
+    error: GraniteSpeechError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the result's fields, or error, error_type and exit_code."""
+        if self.result is not None:
+            return {"file": self.source, "ok": True, **self.result.to_dict()}
+        assert self.error is not None
+        return {
+            "file": self.source,
+            "ok": False,
+            "error": str(self.error),
+            "error_type": type(self.error).__name__,
+            "exit_code": self.error.exit_code,
+        }
+
+
+@dataclass(frozen=True)
+class Health:
+    """What `GraniteSpeechClient.health` found."""
+
+    live: bool
+    ready: bool
+    ensembles: dict[str, bool]  # ensemble name -> ready
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

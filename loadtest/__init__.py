@@ -1,0 +1,1 @@
+"""Locust load test of the Granite Speech ensembles (see README.md)."""

@@ -1,0 +1,136 @@
+"""Locust users that send audio to the Granite Speech ensembles through the project's client.
+
+Run from the repository root (see README.md, or `python -m loadtest.run`):
+
+    locust -f loadtest/locustfile.py --headless -u 4 -r 4 -t 30s --host 127.0.0.1:8000 \
+        --audio-dir DIR --variant ar --report-dir loadtest/results
+
+Over HTTP the client uses tritonclient.http (geventhttpclient), which cooperates with Locust's
+gevent workers; for gRPC, gRPC's gevent integration is switched on below before any channel.
+One Locust request is one audio file; its response time is the client's measured latency.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()  # before tritonclient.grpc opens a channel
+
+import numpy as np  # noqa: E402
+from granite_speech_client import SAMPLE_RATE, GraniteSpeechClient, GraniteSpeechError, load_audio  # noqa: E402
+from locust import User, constant, events, task  # noqa: E402
+
+from loadtest.report import LoadReport  # noqa: E402
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+REPORT = LoadReport()
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    samples: np.ndarray  # float32 [samples] at 16 kHz
+
+
+_clips: list[Clip] = []
+
+
+def clips(audio_dir: str) -> list[Clip]:
+    """Every audio file of `audio_dir`, decoded once per process to 16 kHz mono."""
+    if not _clips:
+        folder = Path(audio_dir)
+        if not audio_dir or not folder.is_dir():
+            raise SystemExit(f"--audio-dir must be a folder of audio files, got {audio_dir!r}")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not paths:
+            raise SystemExit(f"no {'/'.join(AUDIO_SUFFIXES)} files in {audio_dir}")
+        _clips.extend(Clip(p.name, load_audio(p)) for p in paths)
+    return _clips
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("granite speech")
+    group.add_argument("--audio-dir", default="", help="folder of wav/flac/ogg files (required)")
+    group.add_argument("--variant", choices=("ar", "nar"), default="ar", help="ensemble to load")
+    group.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol")
+    group.add_argument("--max-new-tokens", type=int, default=0, help="AR decode limit (0: server default)")
+    group.add_argument("--request-timeout", type=float, default=300.0, help="per-request timeout, s")
+    group.add_argument("--report-dir", default="loadtest/results", help="where report.csv/html go")
+
+
+@events.init.add_listener
+def on_init(environment, **_kwargs) -> None:
+    """Decode the audio before any user starts (and fail early on a bad --audio-dir)."""
+    if environment.parsed_options is not None:
+        clips(environment.parsed_options.audio_dir)
+
+
+@events.test_start.add_listener
+def on_test_start(environment, **_kwargs) -> None:
+    REPORT.start()
+
+
+@events.request.add_listener
+def on_request(name, response_time, exception, context, **_kwargs) -> None:
+    REPORT.on_request(name, response_time, exception, context or {})
+
+
+@events.test_stop.add_listener
+def on_test_stop(environment, **_kwargs) -> None:
+    REPORT.stop()
+    for path in REPORT.write(Path(environment.parsed_options.report_dir)):
+        print(f"wrote {path}")
+
+
+class GraniteSpeechUser(User):
+    """Sends one file after another (closed loop); users start at different files."""
+
+    wait_time = constant(0)
+    _count = itertools.count()
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.variant = options.variant
+        self.protocol = options.protocol
+        self.max_new_tokens = (options.max_new_tokens or None) if self.variant == "ar" else None
+        self.client = GraniteSpeechClient(self.host, options.protocol, timeout_s=options.request_timeout, retries=0)
+        own = clips(options.audio_dir)
+        offset = next(self._count) % len(own)
+        self.clips = itertools.cycle(own[offset:] + own[:offset])
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def transcribe(self) -> None:
+        clip = next(self.clips)
+        name = "granite_speech" if self.variant == "ar" else "granite_speech_nar"
+        started = time.perf_counter()
+        context = {"file": clip.name, "audio_seconds": clip.samples.shape[0] / SAMPLE_RATE}
+        try:
+            result = self.client.transcribe(
+                clip.samples, sample_rate=SAMPLE_RATE, variant=self.variant, max_new_tokens=self.max_new_tokens
+            )
+        except GraniteSpeechError as exc:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self.fire(name, elapsed_ms, 0, context, exc)
+            return
+        context["text"] = result.text
+        self.fire(name, result.latency_s * 1000, len(result.text.encode()), context, None)
+
+    def fire(self, name: str, response_time_ms: float, length: int, context: dict, exc: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type=self.protocol,
+            name=name,
+            response_time=response_time_ms,
+            response_length=length,
+            response=None,
+            context=context,
+            exception=exc,
+        )

@@ -1,0 +1,128 @@
+"""The `granite-speech` command line, run in a subprocess against the real test server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from granite_speech_client import GraniteSpeechClient
+
+from granite_speech_triton.serving.server import free_port
+
+pytestmark = pytest.mark.server
+NEW_TOKENS = "8"
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "granite_speech_client", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("cli")
+    paths = {name: folder / f"{name}.wav" for name in ("one", "two", "silent", "corrupt")}
+    subprocess.run(["espeak-ng", "-w", paths["one"], "one small step for a man"], check=True)
+    subprocess.run(["espeak-ng", "-w", paths["two"], "the rain in spain stays mainly in the plain"], check=True)
+    soundfile.write(paths["silent"], np.zeros(16_000, np.float32), 16_000)
+    paths["corrupt"].write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    return paths
+
+
+def test_transcribe_json_lines_in_input_order(ar_server, files):
+    done = cli(
+        "transcribe", files["two"], files["one"], "--server", ar_server.grpc_url, "--json", "--max-new-tokens", "4"
+    )
+    done_http = cli(
+        "transcribe", files["two"], "--server", ar_server.http_url, "--protocol", "http", "--max-new-tokens", NEW_TOKENS
+    )
+    assert done.returncode == 0 and done_http.returncode == 0, done.stderr + done_http.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(files["two"]), str(files["one"])]
+    with GraniteSpeechClient(ar_server.grpc_url) as client:
+        for line in lines:
+            expected = client.transcribe(line["file"], max_new_tokens=4)
+            assert line["ok"] and line["text"] == expected.text and tuple(line["token_ids"]) == expected.token_ids
+            assert line["variant"] == "ar" and line["task"] == "transcribe" and line["audio_seconds"] > 1
+        short = client.transcribe(files["two"], max_new_tokens=int(NEW_TOKENS))
+    assert done_http.stdout == short.text + "\n"  # one file, plain text: just the transcript
+
+
+def test_translate_and_progress_bar(ar_server, files):
+    done = cli(
+        "translate", files["one"], files["two"], "--to", "fr", "--punctuate", "--server", ar_server.grpc_url,
+        "--max-new-tokens", NEW_TOKENS, "--progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with GraniteSpeechClient(ar_server.grpc_url) as client:
+        texts = [
+            client.translate(f, target_language="fr", punctuate=True, max_new_tokens=int(NEW_TOKENS)).text
+            for f in (files["one"], files["two"])
+        ]
+    assert done.stdout.splitlines() == [f"{files['one']}: {texts[0]}", f"{files['two']}: {texts[1]}"]
+    assert "2/2 files, 0 failed" in done.stderr
+
+
+def test_exit_codes_per_failure_class(ar_server, files):
+    server = ("--server", ar_server.grpc_url, "--max-new-tokens", NEW_TOKENS)
+    closed = ("--server", f"127.0.0.1:{free_port()}", "--retries", "0")
+    cases = [
+        (("transcribe", files["one"], "--language", "xx", *server), 2, "invalid choice: 'xx'"),
+        (("translate", files["one"], "--to", "en", *server), 2, "equals the source language"),
+        (("transcribe", files["one"], "--variant", "nar", "--punctuate", *server), 2, "only supported by variant 'ar'"),
+        (("transcribe", files["one"], *closed), 3, "is unreachable"),
+        (("transcribe", files["one"], "--variant", "nar", "--server", ar_server.grpc_url), 4, "granite_speech_nar"),
+        (("transcribe", files["corrupt"], *server), 5, "not a readable audio file"),
+        (("transcribe", files["one"].with_name("missing.wav"), *server), 5, "no such file"),
+        (("transcribe", files["silent"], *server), 6, "AUDIO is silent (every sample is zero)"),
+        (("transcribe", files["one"], files["silent"], files["corrupt"], *server), 1, "AUDIO is silent"),
+    ]
+    for args, code, message in cases:
+        done = cli(*args)
+        assert done.returncode == code, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+
+
+def test_partial_failure_reports_each_file(ar_server, files):
+    done = cli(
+        "transcribe", files["one"], files["corrupt"], "--server", ar_server.grpc_url, "--json", "--max-new-tokens", "4"
+    )
+    assert done.returncode == 1
+    good, bad = (json.loads(line) for line in done.stdout.splitlines())
+    assert good["ok"] and good["file"] == str(files["one"]) and good["text"]
+    assert bad == {
+        "file": str(files["corrupt"]),
+        "ok": False,
+        "error": bad["error"],
+        "error_type": "AudioInputError",
+        "exit_code": 5,
+    }
+    assert "not a readable audio file" in bad["error"]
+
+
+def test_health(ar_server):
+    done = cli("health", "--server", ar_server.http_url, "--protocol", "http")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"server {ar_server.http_url}: live yes, ready yes",
+        "granite_speech (ar): ready",
+        "granite_speech_nar (nar): not ready",
+    ]
+    as_json = cli("health", "--server", ar_server.grpc_url, "--json", "--variant", "nar")
+    assert as_json.returncode == 4
+    assert json.loads(as_json.stdout)["ensembles"] == {"granite_speech": True, "granite_speech_nar": False}
+    unreachable = cli("health", "--server", f"127.0.0.1:{free_port()}", "--retries", "0")
+    assert unreachable.returncode == 3 and "is unreachable" in unreachable.stderr
+
+
+def test_help_documents_exit_codes():
+    done = cli("transcribe", "--help")
+    assert done.returncode == 0
+    for line in ("3  server unreachable", "4  model (ensemble) not ready", "5  bad input file", "6  server rejected"):
+        assert line in done.stdout
+    assert cli("transcribe").returncode == 2  # no files: usage error
