@@ -93,13 +93,19 @@ class ServerOptions:
         return cmd
 
     def environment(self) -> dict[str, str]:
-        """The server's environment, with the libraries the Python backend stub must load first.
+        """The server's environment: this virtual environment first, then the stub's libraries.
 
-        The stub links against `libpython3.X.so`; the one of this interpreter (not another
-        patch release installed system-wide) must win, or compiled stdlib modules fail to import.
-        The wheel's bundled libraries come next.
+        The Python backend stub's interpreter finds its site-packages through the `python3` first
+        on PATH, so this interpreter's folder goes first (models import torch and this package
+        from the same venv as the caller, activated or not). The stub links against
+        `libpython3.X.so`; the one of this interpreter (not another patch release installed
+        system-wide) must win, or compiled stdlib modules fail to import. The wheel's bundled
+        libraries come next.
         """
         env = dict(os.environ)
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
+        if sys.prefix != sys.base_prefix:
+            env["VIRTUAL_ENV"] = sys.prefix
         if self.tritonserver is not None:
             return env  # another build (the NGC image) brings its own libraries and stub
         libpython_dir = sysconfig.get_config_var("LIBDIR") or ""
