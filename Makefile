@@ -6,9 +6,13 @@ NAR_CHECKPOINT ?= ibm-granite/granite-speech-4.1-2b-nar
 VARIANTS ?= ar
 AUDIO ?= samples/granite_speech_demo.wav
 PYTEST_ARGS ?=
+# export on the GPU that serves the modules (they hold device constants)
+EXPORT_ARGS ?= --device cuda --dtype bfloat16
 LOADTEST_VARIANT ?= ar
+BENCH_VARIANTS ?= ar,nar
+BENCH_ARGS ?=
 
-.PHONY: setup setup-dev system-deps demo demo-tiny serve test lint bench loadtest clean
+.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny loadtest clean
 
 setup:  ## virtual environment with the pinned runtime dependencies and this project
 	scripts/install.sh $(VENV)
@@ -33,10 +37,21 @@ serve: setup  ## tritonserver in the foreground on ports 8000/8001/8002
 	$(PY) -m granite_speech_triton.cli serve --variants $(VARIANTS) \
 		--set ar_checkpoint=$(CHECKPOINT) --set nar_checkpoint=$(NAR_CHECKPOINT)
 
+export-libtorch: setup  ## TorchScript encoder/projectors/NAR head for Triton's PyTorch backend (run on the serving GPU)
+	$(PY) -m granite_speech_triton.cli export --checkpoint $(CHECKPOINT) --variant ar --out build/libtorch $(EXPORT_ARGS)
+	$(PY) -m granite_speech_triton.cli export --checkpoint $(NAR_CHECKPOINT) --variant nar --out build/libtorch $(EXPORT_ARGS)
+
 test: setup-dev  ## lint, then the whole test suite against real tritonserver processes
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup-dev  ## transformers in-process vs Triton at 1/8/32 in flight -> build/bench/{results.json,rtfx.png}
+	$(PY) -m granite_speech_triton.bench --variants $(BENCH_VARIANTS) \
+		--ar-checkpoint $(CHECKPOINT) --nar-checkpoint $(NAR_CHECKPOINT) $(BENCH_ARGS)
+
+bench-tiny: setup-dev  ## the benchmark on tiny random-weight checkpoints (CPU smoke run; the numbers mean little)
+	$(PY) -m granite_speech_triton.bench --tiny --variants $(BENCH_VARIANTS) $(BENCH_ARGS)
 
 loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`
 	$(PY) -m loadtest.run --server 127.0.0.1:8000 --users 4 --spawn-rate 4 --run-time 20s --variant $(LOADTEST_VARIANT)

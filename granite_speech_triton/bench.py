@@ -22,10 +22,7 @@ import contextlib
 import dataclasses
 import json
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,14 +33,14 @@ import numpy as np
 
 from .cli import parse_variants, settings_from
 from .serving import server
-from .serving.repository import DEVICES, DTYPES, PROJECT_ROOT, DeploySettings, render
+from .serving.repository import DEVICES, DTYPES, ENSEMBLES, PROJECT_ROOT, DeploySettings, render
 
 SAMPLE_RATE = 16_000  # Hz, what the ensembles take
 DEFAULT_CONCURRENCY = (1, 8, 32)
 DEFAULT_REQUESTS = 64  # per concurrency level: 8 passes over the default audio set
 DEFAULT_MAX_NEW_TOKENS = 200  # the model card's, and the server's default
 GAP_S = 0.3  # silence between concatenated utterances
-# The default audio set: (file stem, espeak-ng voice, sentence indices spoken one after another).
+# The default audio set, about 1 to 19 s: (file stem, espeak-ng voice, sentences spoken one after another).
 SENTENCES = (
     "Hello world.",
     "Granite speech runs on a Triton inference server.",
@@ -57,9 +54,9 @@ SPEECH_SET = (
     ("fox", "en", (2,)),
     ("bonjour", "fr", (4,)),
     ("recognition", "en", (3,)),
+    ("concat_2", "en", (1, 2)),
     ("concat_3", "en", (1, 2, 3)),
-    ("concat_5", "en", (0, 1, 2, 3, 1)),
-    ("concat_7", "en", (3, 2, 1, 0, 3, 2, 1)),
+    ("concat_4", "en", (3, 2, 1, 2)),
 )
 REFERENCE_LABELS = {
     "ar": "transformers GraniteSpeechForConditionalGeneration.generate, in-process, one at a time",
@@ -93,6 +90,7 @@ class Run:
     wall_s: float
     latencies_s: list[float]
     token_mismatches: int | None = None  # served ids != reference ids (triton runs only)
+    first_differences: dict[str, int] = field(default_factory=dict)  # mismatched clip -> first differing token
     failures: int = 0  # requests that returned an error (left out of the latencies)
 
     @property
@@ -134,12 +132,14 @@ def parse_levels(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by `python -m granite_speech_triton.bench` and the CLI)."""
-    parser.add_argument("--ar-checkpoint", help="AR checkpoint directory or hub id (default: DeploySettings')")
-    parser.add_argument("--nar-checkpoint", help="NAR checkpoint directory or hub id (default: DeploySettings')")
-    parser.add_argument("--tiny", action="store_true", help="tiny random checkpoints in OUT/checkpoints (smoke run)")
-    parser.add_argument("--variants", type=parse_variants, default=("ar", "nar"), help="ar, nar or ar,nar")
-    parser.add_argument("--device", choices=DEVICES, help="cpu | cuda (default cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, help="float32 | bfloat16 | float16 (default float32)")
+    parser.add_argument("--ar-checkpoint", help="AR checkpoint directory or hub id (default: the 2b on the hub)")
+    parser.add_argument("--nar-checkpoint", help="NAR checkpoint directory or hub id (default: the 2b-nar on the hub)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="make tiny random checkpoints in OUT/checkpoints and use them"
+    )
+    parser.add_argument("--variants", type=parse_variants, default=("ar", "nar"), help="ar, nar or ar,nar (default)")
+    parser.add_argument("--device", choices=DEVICES, help="server and reference device (default cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, help="server and reference dtype (default float32)")
     parser.add_argument("--concurrency", type=parse_levels, default=DEFAULT_CONCURRENCY, help="default 1,8,32")
     parser.add_argument("--audio-dir", type=Path, help="wav files to use (default: synthesise speech)")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests per concurrency level")
@@ -151,8 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any DeploySettings field")
 
 
-def deploy_settings(args: argparse.Namespace) -> DeploySettings:
-    """GST_* environment, then --set pairs, then the explicit options above (the last word)."""
+def deploy_settings(args: argparse.Namespace, checkpoints: dict[str, str]) -> DeploySettings:
+    """GST_* environment, then --set pairs, then the explicit options, then `checkpoints` (--tiny)."""
     explicit = {
         "ar_checkpoint": args.ar_checkpoint,
         "nar_checkpoint": args.nar_checkpoint,
@@ -161,11 +161,9 @@ def deploy_settings(args: argparse.Namespace) -> DeploySettings:
         "max_batch_size": args.max_batch_size,
         "max_queue_delay_us": args.max_queue_delay_us,
         "instance_count": args.instance_count,
+        **checkpoints,
     }
-    settings = settings_from(args.set)
-    if args.tiny:
-        explicit.update(tiny_checkpoints(args.out / "checkpoints", args.variants))
-    settings = dataclasses.replace(settings, **{k: v for k, v in explicit.items() if v is not None})
+    settings = dataclasses.replace(settings_from(args.set), **{k: v for k, v in explicit.items() if v is not None})
     if args.max_new_tokens > settings.max_new_tokens_limit:
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens} exceeds max_new_tokens_limit")
     return settings
@@ -181,23 +179,11 @@ def tiny_checkpoints(folder: Path, variants: Sequence[str]) -> dict[str, str]:
 # ---- audio ----------------------------------------------------------------------------------
 
 
-def espeak(text: str, voice: str) -> np.ndarray:
-    """`text` spoken by espeak-ng: float32 [samples] at 16 kHz."""
-    import soundfile
-    from granite_speech_client.audio import to_mono_16k
-
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("espeak-ng synthesises the default audio set (apt-get install espeak-ng); or use --audio-dir")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
-        samples, rate = soundfile.read(path, dtype="float32")
-    return to_mono_16k(samples, rate)
-
-
 def synthesise_audio(folder: Path) -> Path:
     """Write the default mixed-length set (real speech, ~1 to 20 s) as 16 kHz wav files."""
     import soundfile
+
+    from .synth import espeak
 
     folder.mkdir(parents=True, exist_ok=True)
     gap = np.zeros(int(GAP_S * SAMPLE_RATE), dtype=np.float32)
@@ -223,36 +209,16 @@ def load_clips(folder: Path) -> list[Clip]:
 
 def ar_reference(checkpoint: Path, settings: DeploySettings, max_new_tokens: int) -> Transcriber:
     """transformers' GraniteSpeechForConditionalGeneration with our (torchaudio-exact) front end."""
-    import torch
-    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
-
-    from .model.audio import Framing, LogMelFrontEnd
-    from .model.config import ARModelConfig, read_config_json
-    from .model.projector import num_audio_tokens
-    from .model.prompts import SpeechRequest, build_prompt_ids
+    from .model.prompts import SpeechRequest
     from .model.weights import parse_dtype
+    from .reference import TransformersReference
 
-    dtype, device = parse_dtype(settings.dtype), settings.device
-    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    projector = ARModelConfig.from_dict(read_config_json(checkpoint)).projector
-    front_end, request = LogMelFrontEnd(Framing.AR, device), SpeechRequest(max_new_tokens=max_new_tokens)
+    reference = TransformersReference(checkpoint, settings.device, parse_dtype(settings.dtype))
+    instruction = SpeechRequest().instruction()
 
-    @torch.inference_mode()
     def transcribe(audio: np.ndarray) -> list[int]:
-        features = front_end(torch.from_numpy(audio)).to(dtype)[None]  # [1, frames, 160]
-        prompt = build_prompt_ids(tokenizer, request, num_audio_tokens(features.shape[1], projector))
-        ids = torch.tensor([prompt], device=device)  # [1, prompt]
-        out = model.generate(
-            input_ids=ids,
-            input_features=features,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-        )  # [1, prompt + new]
-        new = out[0, ids.shape[1] :].tolist()
-        tokenizer.decode(new, skip_special_tokens=True)  # the server returns text too
+        new = reference.generate(audio, instruction, max_new_tokens)
+        reference.tokenizer.decode(new, skip_special_tokens=True)  # the server returns text too
         return new
 
     return transcribe
@@ -289,8 +255,9 @@ def load_reference(variant: str, settings: DeploySettings, max_new_tokens: int) 
 
 
 def run_reference(variant: str, transcribe: Transcriber, clips: list[Clip]) -> VariantResult:
-    """Each clip once, one at a time, after one untimed warm-up call."""
-    transcribe(clips[0].audio)
+    """Each clip once, one at a time, after an untimed pass over the set (first calls per shape are slow)."""
+    for clip in clips:
+        transcribe(clip.audio)
     latencies, ids = [], []
     started = time.perf_counter()
     for clip in clips:
@@ -344,25 +311,32 @@ def serving(settings: DeploySettings, variants: tuple[str, ...], out: Path) -> I
         server.stop(process)
 
 
+def first_difference(served: Sequence[int], expected: Sequence[int]) -> int | None:
+    """Index of the first token where two id lists differ (None when equal)."""
+    common = min(len(served), len(expected))
+    position = next((i for i in range(common) if served[i] != expected[i]), common)
+    return None if position == common and len(served) == len(expected) else position
+
+
 def run_level(
     client, variant: str, clips: list[Clip], concurrency: int, max_new_tokens: int, expected: list[list[int]]
 ) -> Run:
     """Send `clips` with `concurrency` requests in flight; expected[i] = the reference ids of clips[i]."""
-    limit = max_new_tokens if variant == "ar" else None
-    started = time.perf_counter()
     audios = [clip.audio for clip in clips]
-    options = {"variant": variant, "max_new_tokens": limit, "sample_rate": SAMPLE_RATE}
-    items = client.transcribe_many(audios, max_in_flight=concurrency, **options)
+    options = {"variant": variant, "max_new_tokens": max_new_tokens if variant == "ar" else None}
+    started = time.perf_counter()
+    items = client.transcribe_many(audios, max_in_flight=concurrency, sample_rate=SAMPLE_RATE, **options)
     wall = time.perf_counter() - started
     done = [item for item in items if item.ok]
-    for item in items[:3]:
-        if not item.ok:
-            print(f"  request {item.index} failed: {item.error}", file=sys.stderr)
-    mismatches = sum(list(item.result.token_ids) != expected[item.index] for item in done)
-    label = TRITON_LABEL.format(ensemble="granite_speech" if variant == "ar" else "granite_speech_nar")
+    for item in [item for item in items if not item.ok][:3]:
+        print(f"  request {item.index} ({clips[item.index].name}) failed: {item.error}", file=sys.stderr)
+    checks = [(clips[item.index].name, first_difference(item.result.token_ids, expected[item.index])) for item in done]
+    differences = {name: position for name, position in checks if position is not None}
+    mismatches = sum(position is not None for _, position in checks)
+    label = TRITON_LABEL.format(ensemble=ENSEMBLES[variant])
     seconds = sum(clips[item.index].seconds for item in done)
     latencies = [item.result.latency_s for item in done]
-    return Run("triton", label, concurrency, seconds, wall, latencies, mismatches, len(items) - len(done))
+    return Run("triton", label, concurrency, seconds, wall, latencies, mismatches, differences, len(items) - len(done))
 
 
 def triton_results(url: str, results: dict[str, VariantResult], clips: list[Clip], args: argparse.Namespace) -> None:
@@ -373,7 +347,8 @@ def triton_results(url: str, results: dict[str, VariantResult], clips: list[Clip
     with GraniteSpeechClient(url, "grpc") as client:
         for variant, result in results.items():
             expected = [result.reference_ids[i % len(clips)] for i in range(args.requests)]
-            run_level(client, variant, clips[:1], 1, args.max_new_tokens, expected[:1])  # warm-up
+            # Untimed warm-up: every clip once, as many in flight as the highest level.
+            run_level(client, variant, clips, max(args.concurrency), args.max_new_tokens, result.reference_ids)
             for level in args.concurrency:
                 print(f"[{variant}] triton, concurrency {level} ...", flush=True)
                 run = run_level(client, variant, cycled, level, args.max_new_tokens, expected)
@@ -476,7 +451,9 @@ def plot(path: Path, results: dict[str, VariantResult], settings: DeploySettings
     ax.set_xticks(levels, [str(level) for level in levels])
     ax.set_xlabel("requests in flight")
     ax.set_ylabel("RTFx (audio s / wall s)")
-    ax.set_title(f"Granite Speech on Triton ({settings.device}, {settings.dtype})")
+    ax.set_ylim(bottom=0)
+    names = ", ".join(Path(getattr(settings, f"{variant}_checkpoint")).name for variant in results)
+    ax.set_title(f"Granite Speech: Triton vs in-process ({names}; {settings.device}, {settings.dtype})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -492,9 +469,11 @@ def run(args: argparse.Namespace) -> int:
     if args.requests < 1:
         raise SystemExit("--requests must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = deploy_settings(args)
+    settings = deploy_settings(args, tiny_checkpoints(args.out / "checkpoints", args.variants) if args.tiny else {})
     clips = load_clips(args.audio_dir or synthesise_audio(args.out / "audio"))
     print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio; {settings.device} {settings.dtype}")
+    if args.requests % len(clips):
+        print(f"note: --requests {args.requests} is not a multiple of {len(clips)} clips: the audio mixes differ")
     results = reference_results(args.variants, settings, clips, args.max_new_tokens)
     with serving(settings, args.variants, args.out) as url:
         triton_results(url, results, clips, args)

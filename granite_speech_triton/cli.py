@@ -4,6 +4,8 @@
     granite-speech-triton serve  --set ar_checkpoint=DIR [--variants ar,nar]
     granite-speech-triton demo   --set ar_checkpoint=DIR --audio samples/hello.wav
     granite-speech-triton make-tiny-checkpoint build/tiny-ar [--nar]
+    granite-speech-triton export --checkpoint DIR --variant ar|nar --out build/libtorch [--device cuda --dtype bfloat16]
+    granite-speech-triton bench  --tiny | --device cuda --dtype bfloat16 [--concurrency 1,8,32]
 
 Every `--set key=value` is a DeploySettings field (see serving/repository.py); unknown keys
 are rejected. Environment variables GST_<KEY> (e.g. GST_DEVICE=cuda) set defaults.
@@ -140,11 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_p.add_argument("out", type=Path)
     tiny_p.add_argument("--nar", action="store_true", help="the NAR layout instead of the AR one")
     tiny_p.set_defaults(func=cmd_make_tiny)
+    # Listed for --help only: `main` hands `export ...` to export.main, whose parser needs torch imported.
+    sub.add_parser("export", help="TorchScript of the encoder, projectors, NAR head for Triton's PyTorch backend")
+    from . import bench  # here, not at the top: bench imports this module
+
+    bench_p = sub.add_parser("bench", help="benchmark: in-process reference vs Triton at several concurrencies")
+    bench.add_arguments(bench_p)
+    bench_p.set_defaults(func=bench.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -6,13 +6,12 @@ python -m loadtest.synth --out build/loadtest-audio --count 8
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile
-import soxr
+
+from granite_speech_triton.synth import espeak
 
 SENTENCES = (
     "the quick brown fox jumps over the lazy dog",
@@ -23,19 +22,14 @@ SENTENCES = (
     "the weather today is sunny with a light breeze from the west",
 )
 SAMPLE_RATES = (16_000, 8_000, 22_050, 44_100, 48_000)  # Hz; the client resamples all but 16 kHz
+ESPEAK_RATE = 22_050  # Hz, espeak-ng's own output rate
 MAX_REPEATS = 4  # sentences per file: 1 .. MAX_REPEATS (about 2 to 12 s of speech)
 
 
 def speak(text: str, path: Path, sample_rate: int | None = None, voice: str = "en") -> Path:
     """Write `text` spoken by espeak-ng to `path` (wav), resampled to `sample_rate` if given."""
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
-        samples, rate = soundfile.read(raw, dtype="float32")  # espeak-ng: 22.05 kHz mono
-    if sample_rate is not None and sample_rate != rate:
-        samples, rate = soxr.resample(samples, rate, sample_rate), sample_rate
     path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(path, samples, rate)
+    soundfile.write(path, espeak(text, voice, sample_rate), sample_rate or ESPEAK_RATE)
     return path
 
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import numpy as np
-import soundfile as sf
-import soxr
+
+from granite_speech_triton.synth import espeak
 
 SAMPLE_RATE = 16_000
 SENTENCES = [
@@ -17,17 +12,6 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog, twice, before breakfast.",
     "Bonjour tout le monde.",
 ]
-
-
-def espeak(text: str, voice: str = "en") -> np.ndarray:
-    """`text` spoken by espeak-ng, as float32 mono at 16 kHz."""
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is required by the tests (apt-get install espeak-ng; .ci/run installs it)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
-        audio, rate = sf.read(path, dtype="float32")
-    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
 
 
 def synthetic(seconds: float, seed: int) -> np.ndarray:

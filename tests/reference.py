@@ -1,4 +1,4 @@
-"""The transformers reference: stock GraniteSpeechForConditionalGeneration, one audio at a time."""
+"""The transformers reference, shared by the tests (one instance per checkpoint)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
 
-from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
+from granite_speech_triton.reference import TransformersReference
 
 # The model card's instructions, written out here independently of prompts.py.
 CARD_INSTRUCTIONS = {
@@ -21,26 +19,16 @@ CARD_INSTRUCTIONS = {
 
 
 @lru_cache(maxsize=2)
+def reference_for(checkpoint: Path) -> TransformersReference:
+    return TransformersReference(checkpoint)
+
+
 def load_reference(checkpoint: Path):
-    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
-    return model, AutoTokenizer.from_pretrained(str(checkpoint))
+    """(transformers model, tokenizer) of the cached reference."""
+    reference = reference_for(checkpoint)
+    return reference.model, reference.tokenizer
 
 
 def reference_generate(checkpoint: Path, audio: np.ndarray, instruction: str, max_new_tokens: int) -> list[int]:
-    """New token ids of greedy `generate` for one audio (features from the torchaudio-exact front end)."""
-    model, tokenizer = load_reference(checkpoint)
-    features = LogMelFrontEnd(Framing.AR)(torch.from_numpy(audio))[None]  # [1, frames, 160]
-    n_audio = 3 * -(-features.shape[1] // 15)
-    chat = [{"role": "user", "content": "<|audio|>" + instruction}]
-    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt.replace("<|audio|>", "<|audio|>" * n_audio), return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            input_features=features,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-        )
-    return out[0, ids.shape[1] :].tolist()
+    """New token ids of greedy `generate` for one audio."""
+    return reference_for(checkpoint).generate(audio, instruction, max_new_tokens)

@@ -7,6 +7,7 @@ folders tritonserver is started with. Unknown settings are rejected, never silen
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +19,10 @@ ENSEMBLE_TEMPLATES = PROJECT_ROOT / "ensemble"
 VARIANTS = ("ar", "nar")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("python", "libtorch")
+# Served from `granite-speech-triton export` TorchScript when backend=libtorch. nar_head stays on the
+# Python backend (it detokenises); export.py also writes a standalone libtorch nar_head.
+LIBTORCH_MODELS = ("ar_conformer_encoder", "ar_qformer_projector", "nar_conformer_encoder", "nar_qformer_projector")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class DeploySettings:
     max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
     pack_token_budget: int = 4096  # NAR head: tokens per packed sequence (dense mask cost grows as its square)
     cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
+    backend: str = "python"  # python | libtorch (encoder and projectors on Triton's PyTorch backend)
+    libtorch_dir: str = ""  # backend=libtorch: the `granite-speech-triton export --out` folder
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -47,6 +54,10 @@ class DeploySettings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_audio_seconds <= 0:
             raise ValueError("max_audio_seconds must be positive")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "libtorch" and not self.libtorch_dir:
+            raise ValueError("backend=libtorch needs libtorch_dir, the folder `granite-speech-triton export` wrote")
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> DeploySettings:
@@ -90,6 +101,36 @@ def fill(template: Path, values: dict[str, str]) -> str:
         raise ValueError(f"{template} needs a value for {exc.args[0]!r}") from exc
 
 
+def libtorch_model(name: str, settings: DeploySettings, target: Path) -> tuple[Path, dict[str, str]]:
+    """Copy an exported model.pt into `target`/1; its libtorch template and the values export.json adds."""
+    exported = Path(settings.libtorch_dir) / name
+    meta_path = exported / "export.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path} not found: run `granite-speech-triton export --variant {name.split('_')[0]}`")
+    meta = json.loads(meta_path.read_text())
+    if (meta["device"], meta["dtype"]) != (settings.device, settings.dtype):
+        raise ValueError(
+            f"{exported} was exported for {meta['device']}/{meta['dtype']}, the settings serve "
+            f"{settings.device}/{settings.dtype}: export again with --device/--dtype"
+        )
+    shutil.copy2(exported / "1" / "model.pt", target / "1" / "model.pt")
+    return TEMPLATES / meta["template"], meta["template_values"]
+
+
+def render_model(
+    name: str, component: str, template: str, values: dict[str, str], settings: DeploySettings, models_dir: Path
+) -> None:
+    target = models_dir / name
+    (target / "1").mkdir(parents=True)
+    if settings.backend == "libtorch" and name in LIBTORCH_MODELS:
+        path, more = libtorch_model(name, settings, target)
+        values = {**values, **more}
+    else:
+        path = TEMPLATES / component / template
+        shutil.copy2(TEMPLATES / component / "1" / "model.py", target / "1" / "model.py")
+    (target / "config.pbtxt").write_text(fill(path, values))
+
+
 def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARIANTS) -> list[Path]:
     """Write the filled repositories under `out`; returns [model_repository, ensemble] folders."""
     bad = [v for v in variants if v not in VARIANTS]
@@ -103,12 +144,10 @@ def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARI
     for variant in variants:
         for name, (component, template, extra) in MODELS[variant].items():
             values = {**base, **extra, "model_name": name, "variant": variant}
-            target = models_dir / name
-            (target / "1").mkdir(parents=True)
-            shutil.copy2(TEMPLATES / component / "1" / "model.py", target / "1" / "model.py")
-            (target / "config.pbtxt").write_text(fill(TEMPLATES / component / template, values))
+            render_model(name, component, template, values, settings, models_dir)
         ensemble = ENSEMBLES[variant]
         (ensemble_dir / ensemble / "1").mkdir(parents=True)
-        filled = fill(ENSEMBLE_TEMPLATES / ensemble / "config.pbtxt", {**base, "model_name": ensemble})
+        ensemble_template = "config.libtorch.pbtxt" if settings.backend == "libtorch" else "config.pbtxt"
+        filled = fill(ENSEMBLE_TEMPLATES / ensemble / ensemble_template, {**base, "model_name": ensemble})
         (ensemble_dir / ensemble / "config.pbtxt").write_text(filled)
     return [models_dir, ensemble_dir]

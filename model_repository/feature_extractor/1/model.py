@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontEnd, check_waveform
+from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontEnd, audio_rows, check_waveform
 from granite_speech_triton.model.prompts import ASR_LANGUAGES, NAR_LANGUAGES, SpeechRequest
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -29,7 +29,8 @@ class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         stage = self.setup(args)
         variant = stage.params["variant"]
-        self.front_end = LogMelFrontEnd(Framing(variant), stage.device)
+        self.framing = Framing(variant)
+        self.front_end = LogMelFrontEnd(self.framing, stage.device)
         self.languages = LANGUAGES[variant]
         self.max_samples = int(float(stage.params["max_audio_seconds"]) * SAMPLE_RATE)
         self.max_new_tokens_limit = int(stage.params["max_new_tokens_limit"])
@@ -54,6 +55,7 @@ class TritonPythonModel(BatchAdapter):
         return pb_utils.InferenceResponse(
             output_tensors=[
                 tensor_output("FEATURES", features),
+                tensor_output("AUDIO_ROWS", np.zeros(audio_rows(features.shape[0], self.framing), np.int8), np.int8),
                 tensor_output("OPTIONS", np.array([options.encode()], dtype=np.object_), np.object_),
             ]
         )

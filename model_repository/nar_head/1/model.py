@@ -33,7 +33,8 @@ class TritonPythonModel(BatchAdapter):
 
     def decode(self, request) -> tuple[torch.Tensor, list[int]]:
         draft = single_item(request, "DRAFT_IDS")
-        return sequence_input(request, "AUDIO_EMBEDS"), [] if draft is None else draft.tolist()
+        # The libtorch NAR encoder pads DRAFT_IDS with -1 to one slot per frame.
+        return sequence_input(request, "AUDIO_EMBEDS"), [] if draft is None else draft[draft >= 0].tolist()
 
     def predict(self, batch: list[tuple[torch.Tensor, list[int]]]) -> list[list[int]]:
         audio = [rows for rows, _ in batch]
