@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 from reference import load_reference
 from safetensors.torch import load_file, save_file
 
+from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import DecodeItem, load_prompted_decoder
 from granite_speech_triton.model.encoder import encode_batch, load_encoder
@@ -162,3 +163,21 @@ def test_broken_checkpoint_leaves_model_unavailable_with_the_key_named(tiny_ar_c
         assert not client.is_model_ready("ar_conformer_encoder")
     finally:
         server.stop(process)
+
+
+def test_generated_audio_placeholders_are_embedded_like_transformers(tiny_ar_checkpoint, ar):
+    """The tiny model generates the <|audio|> id on this input; transformers embeds it as token 0."""
+    from audio_samples import synthetic
+    from reference import reference_generate
+
+    cfg, _ = ar
+    audio = synthetic(0.3, 1)
+    features = LogMelFrontEnd(Framing.AR)(torch.from_numpy(audio))
+    with torch.inference_mode():
+        hidden = encode_batch(load_encoder(tiny_ar_checkpoint, cfg.encoder), [features])
+        embeds = load_projector(tiny_ar_checkpoint, cfg.projector)(hidden)[0]
+    decoder = load_prompted_decoder(tiny_ar_checkpoint)
+    request = SpeechRequest(max_new_tokens=200)
+    ours = decoder.run([decoder.prepare(request, embeds)])[0].token_ids
+    assert cfg.audio_token_index in ours
+    assert ours == reference_generate(tiny_ar_checkpoint, audio, request.instruction(), 200)

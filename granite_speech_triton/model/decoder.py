@@ -95,7 +95,8 @@ class SpeechDecoder:
             active, tokens, mask, positions = self._select(keep, active, tokens, mask, positions, cache)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
-            step_input = {"input_ids": tokens.unsqueeze(1)}
+            # transformers embeds a generated audio placeholder as token 0, like those of the prompt
+            step_input = {"input_ids": torch.where(tokens == self.audio_token_index, 0, tokens).unsqueeze(1)}
 
     @staticmethod
     def _select(keep, active, tokens, mask, positions, cache):
