@@ -246,31 +246,25 @@ class ARWindowCore(nn.Module):
 
 
 class NARFrameCore(nn.Module):
-    """Frames [N, L*D_enc] -> [N, H]: `NARProjector.forward`'s per-frame layer norms, projection and GELU."""
+    """Frames [N, L*D_enc] -> [N, H]: `NARProjector.project_frames` (traced on its own)."""
 
     def __init__(self, projector: NARProjector) -> None:
         super().__init__()
         self.projector = projector
 
     def forward(self, frames: Tensor) -> Tensor:
-        p = self.projector
-        layers = frames.split(p.cfg.encoder_dim, dim=-1)
-        x = torch.cat([norm(h) for norm, h in zip(p.layer_norms, layers, strict=True)], dim=-1)
-        return F.gelu(p.layer_projector(x))
+        return self.projector.project_frames(frames)
 
 
 class NARWindowCore(nn.Module):
-    """Windows [N, 15, H] -> [N, 3, D_llm]: `NARProjector.forward` after its windowing."""
+    """Windows [N, 15, H] -> [N, 3, D_llm]: `NARProjector.summarise_windows` (traced on its own)."""
 
     def __init__(self, projector: NARProjector) -> None:
         super().__init__()
         self.projector = projector
 
     def forward(self, windows: Tensor) -> Tensor:
-        p = self.projector
-        groups = windows.view(windows.shape[0], p.cfg.num_queries, p.cfg.downsample_rate, -1)  # [N, Q, rate, H]
-        queries = p.qformer(p.query + groups.mean(dim=2), windows + p.window_positions)  # [N, Q, H]
-        return p.out_linear(p.out_norm(queries)) / p.output_divisor
+        return self.projector.summarise_windows(windows)
 
 
 class GraniteCore(nn.Module):

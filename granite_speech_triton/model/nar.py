@@ -276,20 +276,26 @@ class NARProjector(nn.Module):
         self.out_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.out_linear = nn.Linear(cfg.hidden_size, cfg.llm_dim)
 
+    def project_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """[N, L*D_enc] -> [N, H]: per-layer norms, projection, GELU (each frame on its own)."""
+        layers = frames.split(self.cfg.encoder_dim, dim=-1)
+        x = torch.cat([norm(h) for norm, h in zip(self.layer_norms, layers, strict=True)], dim=-1)
+        return F.gelu(self.layer_projector(x))
+
+    def summarise_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """[N, block, H] -> [N, Q, D_llm]: learned queries plus group means attend to each window."""
+        cfg = self.cfg
+        groups = windows.view(windows.shape[0], cfg.num_queries, cfg.downsample_rate, -1)  # [N, Q, rate, H]
+        queries = self.qformer(self.query + groups.mean(dim=2), windows + self.window_positions)  # [N, Q, H]
+        return self.out_linear(self.out_norm(queries)) / self.output_divisor
+
     @torch.inference_mode()
     def forward(self, utterances: list[torch.Tensor]) -> list[torch.Tensor]:
         """[T_i, num_encoder_layers * encoder_dim] per utterance -> [T_i // downsample_rate, llm_dim]."""
         cfg = self.cfg
-        frames = torch.cat(utterances)  # [sum T, L*D_enc]; rows are independent up to the windowing
-        layers = frames.split(cfg.encoder_dim, dim=-1)
-        x = torch.cat([norm(h) for norm, h in zip(self.layer_norms, layers, strict=True)], dim=-1)
-        x = F.gelu(self.layer_projector(x))  # [sum T, H]
+        x = self.project_frames(torch.cat(utterances))  # [sum T, H]
         per_utterance = [split_windows(h, cfg.block_size) for h in x.split([u.shape[0] for u in utterances])]
-        windows = torch.cat(per_utterance)  # [N, block, H], N = sum ceil(T_i / block)
-        groups = windows.view(windows.shape[0], cfg.num_queries, cfg.downsample_rate, -1)  # [N, Q, rate, H]
-        queries = self.query + groups.mean(dim=2)  # [N, Q, H]
-        queries = self.qformer(queries, windows + self.window_positions)  # [N, Q, H]
-        rows = self.out_linear(self.out_norm(queries)) / self.output_divisor  # [N, Q, D_llm]
+        rows = self.summarise_windows(torch.cat(per_utterance))  # [N, Q, D_llm], N = sum ceil(T_i / block)
         rows = rows.split([w.shape[0] for w in per_utterance])
         keep = [u.shape[0] // cfg.downsample_rate for u in utterances]
         return [r.reshape(-1, cfg.llm_dim)[:n] for r, n in zip(rows, keep, strict=True)]
