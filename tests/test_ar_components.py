@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import DecodeItem, load_prompted_decoder
-from granite_speech_triton.model.encoder import encode_batch, load_encoder
+from granite_speech_triton.model.encoder import encode_batch, length_groups, load_encoder
 from granite_speech_triton.model.errors import CheckpointError
 from granite_speech_triton.model.projector import load_projector, num_audio_tokens
 from granite_speech_triton.model.prompts import SpeechRequest
@@ -181,3 +181,13 @@ def test_generated_audio_placeholders_are_embedded_like_transformers(tiny_ar_che
     ours = decoder.run([decoder.prepare(request, embeds)])[0].token_ids
     assert cfg.audio_token_index in ours
     assert ours == reference_generate(tiny_ar_checkpoint, audio, request.instruction(), 200)
+
+
+@pytest.mark.parametrize("lengths", [[1500, 15, 40, 900, 880, 1450, 100, 95], [100] * 5, [7], [3, 457, 201, 200]])
+def test_length_groups_bound_padding_and_cover_every_request(lengths):
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert len(group) == 1 or longest * len(group) <= 1.25 * sum(lengths[i] for i in group)
+    assert len(length_groups([100] * 5)) == 1  # equal lengths share one forward

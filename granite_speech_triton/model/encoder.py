@@ -9,8 +9,10 @@ output does not depend on the requests batched with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -181,10 +183,45 @@ def pad_batch(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return nn.utils.rnn.pad_sequence(sequences, batch_first=True), lengths
 
 
+MAX_PADDING_WASTE = 0.25  # padded frames computed per real frame, at most, when grouping a batch
+
+
+def length_groups(lengths: list[int], max_waste: float = MAX_PADDING_WASTE) -> list[list[int]]:
+    """Indices grouped by similar length (longest first) so that padding each group to its longest
+    member costs at most `max_waste` extra frames per real frame. Requests of very different
+    lengths then run in separate forwards instead of all being padded to the longest."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + max_waste) * (
+            sum(lengths[i] for i in group) + lengths[index]
+        ):
+            group.append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+R = TypeVar("R")
+
+
+def run_in_length_groups(sequences: list[torch.Tensor], run: Callable[[list[torch.Tensor]], list[R]]) -> list[R]:
+    """`run` on groups of similar-length sequences ([T_i, ...] each); results in input order."""
+    results: list[R | None] = [None] * len(sequences)
+    for group in length_groups([s.shape[0] for s in sequences]):
+        for index, result in zip(group, run([sequences[i] for i in group]), strict=True):
+            results[index] = result
+    return results  # type: ignore[return-value]
+
+
 @torch.inference_mode()
 def encode_batch(encoder: ConformerEncoder, features: list[torch.Tensor]) -> list[torch.Tensor]:
     """[T_i, 160] per utterance -> final hidden states [T_i, D] per utterance, batch-invariant."""
     param = next(encoder.parameters())
-    padded, lengths = pad_batch([f.to(param.device, param.dtype) for f in features])
-    hidden = encoder(padded, lengths).last_hidden_state  # [B, T_max, D]
-    return [hidden[i, :length] for i, length in enumerate(lengths.tolist())]
+
+    def run(group: list[torch.Tensor]) -> list[torch.Tensor]:
+        padded, lengths = pad_batch([f.to(param.device, param.dtype) for f in group])
+        hidden = encoder(padded, lengths).last_hidden_state  # [B, T_max, D]
+        return [hidden[i, :length] for i, length in enumerate(lengths.tolist())]
+
+    return run_in_length_groups(features, run)

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch
+from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch, run_in_length_groups
 from granite_speech_triton.model.nar import load_nar_config, load_nar_encoder
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -41,7 +41,7 @@ def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], lis
             for x, draft in zip(out.projector_inputs, out.drafts, strict=True)
         ]
 
-    return run
+    return lambda features: run_in_length_groups(features, run)
 
 
 ENCODERS = {"ar": ar_encoder, "nar": nar_encoder}
