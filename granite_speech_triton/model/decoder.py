@@ -73,7 +73,7 @@ class SpeechDecoder:
         cache = DynamicCache(config=self.llm.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
         step_input = {"inputs_embeds": inputs}
-        while True:
+        for step in range(1, max(item.max_new_tokens for item in items) + 1):
             logits = self.llm(
                 **step_input,
                 attention_mask=mask,
@@ -85,24 +85,22 @@ class SpeechDecoder:
             tokens = logits.argmax(dim=-1)  # [B_live]
             for row, token in zip(active.tolist(), tokens.tolist(), strict=True):
                 outputs[row].append(token)
-            produced = torch.tensor([len(outputs[row]) for row in active.tolist()], device=self.device)
-            done = torch.isin(tokens, self.eos) | (produced >= budgets[active])
+            # every live row has produced `step` tokens
+            done = torch.isin(tokens, self.eos) | (budgets[active] <= step)
             if bool(done.all()):
-                return outputs
-            keep = (~done).nonzero().squeeze(1)
-            if not bool(done.any()):
-                keep = None
-            active, tokens, mask, positions = self._select(keep, active, tokens, mask, positions, cache)
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                active, tokens, mask, positions = self._select(keep, active, tokens, mask, positions, cache)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
             # transformers embeds a generated audio placeholder as token 0, like those of the prompt
             step_input = {"input_ids": torch.where(tokens == self.audio_token_index, 0, tokens).unsqueeze(1)}
+        return outputs
 
     @staticmethod
     def _select(keep, active, tokens, mask, positions, cache):
-        """Drop finished rows from every per-row tensor and from the KV cache."""
-        if keep is None:
-            return active, tokens, mask, positions
+        """Keep only the `keep` rows of every per-row tensor and of the KV cache."""
         for layer in cache.layers:
             layer.batch_select_indices(keep)
         return active[keep], tokens[keep], mask[keep], positions[keep]
