@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.decoder import DecodeItem, load_prompted_decoder
+from granite_speech_triton.model.decoder import load_ar_decoder
 from granite_speech_triton.model.encoder import encode_batch, length_groups, load_encoder
 from granite_speech_triton.model.errors import CheckpointError
 from granite_speech_triton.model.projector import load_projector, num_audio_tokens
@@ -58,32 +58,6 @@ def test_projector_matches_transformers(tiny_ar_checkpoint, ar):
         for h, out in zip(hidden, ours, strict=True):
             assert out.shape[0] == num_audio_tokens(h.shape[0], cfg.projector)
             torch.testing.assert_close(out, reference.projector(h[None])[0], atol=1e-5, rtol=1e-5)
-
-
-def test_decoder_batch_matches_generate_of_each_prompt(tiny_ar_checkpoint, ar):
-    """Prompts of different lengths and budgets decoded together = generate one at a time."""
-    cfg, _ = ar
-    model, _ = load_reference(tiny_ar_checkpoint)
-    decoder = load_prompted_decoder(tiny_ar_checkpoint)
-    requests = [SpeechRequest(max_new_tokens=n) for n in (3, 17, 9)]
-    requests.append(SpeechRequest(task="translate", target_language="ja", max_new_tokens=11))
-    embeds = [torch.randn(num_audio_tokens(n, cfg.projector), 64) for n in (10, 90, 31, 200)]
-    items = [decoder.prepare(r, e) for r, e in zip(requests, embeds, strict=True)]
-    results = decoder.run(items)
-    for item, result in zip(items, results, strict=True):
-        assert result.token_ids == reference_tokens(model, item)
-        assert len(result.token_ids) <= item.max_new_tokens
-
-
-def reference_tokens(model, item: DecodeItem) -> list[int]:
-    """transformers' generate on the same prompt with the audio embeddings spliced in."""
-    ids = torch.tensor([item.prompt_ids])
-    with torch.inference_mode():
-        embeds = model.model.get_merged_audio_embeddings(ids, item.audio_embeds)
-        out = model.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=item.max_new_tokens
-        )
-    return out[0].tolist()
 
 
 def broken_copy(source: Path, target: Path, edit) -> Path:
@@ -176,9 +150,9 @@ def test_generated_audio_placeholders_are_embedded_like_transformers(tiny_ar_che
     with torch.inference_mode():
         hidden = encode_batch(load_encoder(tiny_ar_checkpoint, cfg.encoder), [features])
         embeds = load_projector(tiny_ar_checkpoint, cfg.projector)(hidden)[0]
-    decoder = load_prompted_decoder(tiny_ar_checkpoint)
+    decoder = load_ar_decoder(tiny_ar_checkpoint)
     request = SpeechRequest(max_new_tokens=200)
-    ours = decoder.run([decoder.prepare(request, embeds)])[0].token_ids
+    ours = decoder.transcribe([(request, embeds)])[0].token_ids
     assert cfg.audio_token_index in ours
     assert ours == reference_generate(tiny_ar_checkpoint, audio, request.instruction(), 200)
 

@@ -6,7 +6,7 @@ One place validates task, languages, keywords and max_new_tokens, and builds the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import RequestError
 
@@ -33,6 +33,7 @@ TRANSLATE_INSTRUCTION = "translate the speech to {language}."
 PUNCTUATED_TRANSLATE_INSTRUCTION = "translate the speech to {language} with proper punctuation and capitalization."
 DEFAULT_MAX_NEW_TOKENS = 200  # model card
 MAX_KEYWORDS = 100
+MAX_TIMEOUT_MS = 3_600_000  # one hour
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class SpeechRequest:
     keywords: tuple[str, ...] = field(default_factory=tuple)
     punctuate: bool = False
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    timeout_ms: int = 0  # 0: no deadline
+    deadline: float = 0.0  # time.time() after which the decoder drops the request (set on arrival)
+
+    def started(self, now: float) -> SpeechRequest:
+        """This request with its deadline fixed from `timeout_ms`, counted from `now`."""
+        return replace(self, deadline=now + self.timeout_ms / 1000) if self.timeout_ms else self
 
     def validate(self, max_new_tokens_limit: int, languages: tuple[str, ...] = ASR_LANGUAGES) -> None:
         if self.task not in TASKS:
@@ -53,6 +60,8 @@ class SpeechRequest:
             raise RequestError(f"unsupported LANGUAGE {self.language!r}; expected one of {', '.join(languages)}")
         if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
             raise RequestError(f"MAX_NEW_TOKENS must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}")
+        if not 0 <= self.timeout_ms <= MAX_TIMEOUT_MS:
+            raise RequestError(f"TIMEOUT_MS must be in 0..{MAX_TIMEOUT_MS} (0: none), got {self.timeout_ms}")
         if len(self.keywords) > MAX_KEYWORDS:
             raise RequestError(f"at most {MAX_KEYWORDS} KEYWORDS, got {len(self.keywords)}")
         if self.task == "translate":

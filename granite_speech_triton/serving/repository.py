@@ -20,6 +20,7 @@ VARIANTS = ("ar", "nar")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("python", "libtorch")
+SCHEDULERS = ("inflight", "static")
 # Served from `granite-speech-triton export` TorchScript when backend=libtorch. nar_head stays on the
 # Python backend (it detokenises); export.py also writes a standalone libtorch nar_head.
 LIBTORCH_MODELS = ("ar_conformer_encoder", "ar_qformer_projector", "nar_conformer_encoder", "nar_qformer_projector")
@@ -41,6 +42,10 @@ class DeploySettings:
     max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
     pack_token_budget: int = 4096  # NAR head: tokens per packed sequence (dense mask cost grows as its square)
     cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
+    scheduler: str = "inflight"  # AR engine: inflight (requests join every step) | static (batch runs to its end)
+    max_decode_rows: int = 16  # AR engine: requests decoded together (rows of the KV cache)
+    kv_tokens_per_row: int = 0  # AR engine: KV positions per row (0 = max_audio_seconds + max_new_tokens_limit fit)
+    prefill_token_budget: int = 2048  # AR engine: prompt tokens prefilled together in one packed forward
     backend: str = "python"  # python | libtorch (encoder and projectors on Triton's PyTorch backend)
     libtorch_dir: str = ""  # backend=libtorch: the `granite-speech-triton export --out` folder
 
@@ -49,11 +54,16 @@ class DeploySettings:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_batch_size", "instance_count", "max_new_tokens_limit", "pack_token_budget"):
+        positive = ("max_batch_size", "instance_count", "max_new_tokens_limit", "pack_token_budget", "max_decode_rows")
+        for name in (*positive, "prefill_token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_audio_seconds <= 0:
             raise ValueError("max_audio_seconds must be positive")
+        if self.kv_tokens_per_row < 0:
+            raise ValueError("kv_tokens_per_row must be 0 (derived) or positive")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "libtorch" and not self.libtorch_dir:
@@ -82,6 +92,8 @@ MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
         "ar_conformer_encoder": ("conformer_encoder", "config.ar.pbtxt", {}),
         "ar_qformer_projector": ("qformer_projector", "config.ar.pbtxt", {}),
         "ar_llm_decoder": ("llm_decoder", "config.pbtxt", {}),
+        "ar_llm_engine": ("llm_engine", "config.pbtxt", {}),
+        "granite_speech_stream": ("stream_pipeline", "config.pbtxt", {}),
     },
     "nar": {
         "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {}),
@@ -90,7 +102,11 @@ MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
         "nar_head": ("nar_head", "config.pbtxt", {}),
     },
 }
-ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}
+ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}  # what clients call, per variant
+STREAMING = {"ar": "granite_speech_stream"}  # the decoupled entry that streams partial text
+# every ensemble template a variant renders (ar_encode is the first half of granite_speech,
+# also called by granite_speech_stream)
+ENSEMBLE_FOLDERS = {"ar": ("ar_encode", "granite_speech"), "nar": ("granite_speech_nar",)}
 
 
 def fill(template: Path, values: dict[str, str]) -> str:
@@ -131,6 +147,16 @@ def render_model(
     (target / "config.pbtxt").write_text(fill(path, values))
 
 
+def render_ensemble(name: str, values: dict[str, str], settings: DeploySettings, ensemble_dir: Path) -> None:
+    """An ensemble's config, from its libtorch template when that backend serves and it has one."""
+    folder = ENSEMBLE_TEMPLATES / name
+    template = folder / "config.libtorch.pbtxt"
+    if settings.backend != "libtorch" or not template.is_file():
+        template = folder / "config.pbtxt"
+    (ensemble_dir / name / "1").mkdir(parents=True)
+    (ensemble_dir / name / "config.pbtxt").write_text(fill(template, values))
+
+
 def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARIANTS) -> list[Path]:
     """Write the filled repositories under `out`; returns [model_repository, ensemble] folders."""
     bad = [v for v in variants if v not in VARIANTS]
@@ -145,9 +171,6 @@ def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARI
         for name, (component, template, extra) in MODELS[variant].items():
             values = {**base, **extra, "model_name": name, "variant": variant}
             render_model(name, component, template, values, settings, models_dir)
-        ensemble = ENSEMBLES[variant]
-        (ensemble_dir / ensemble / "1").mkdir(parents=True)
-        ensemble_template = "config.libtorch.pbtxt" if settings.backend == "libtorch" else "config.pbtxt"
-        filled = fill(ENSEMBLE_TEMPLATES / ensemble / ensemble_template, {**base, "model_name": ensemble})
-        (ensemble_dir / ensemble / "config.pbtxt").write_text(filled)
+        for ensemble in ENSEMBLE_FOLDERS[variant]:
+            render_ensemble(ensemble, {**base, "model_name": ensemble}, settings, ensemble_dir)
     return [models_dir, ensemble_dir]

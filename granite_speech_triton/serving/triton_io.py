@@ -77,6 +77,7 @@ def request_options(request) -> SpeechRequest:
         keywords=parse_keywords(optional_text(request, "KEYWORDS", "")),
         punctuate=bool(optional_number(request, "PUNCTUATE", False)),
         max_new_tokens=int(optional_number(request, "MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
+        timeout_ms=int(optional_number(request, "TIMEOUT_MS", 0)),
     )
 
 
@@ -103,17 +104,28 @@ def error_response(message: str, invalid_request: bool = True) -> pb_utils.Infer
 class Counter:
     """One labelled Prometheus counter or gauge on Triton's metrics endpoint."""
 
-    def __init__(self, name: str, description: str, model: str, gauge: bool = False) -> None:
+    def __init__(self, name: str, description: str, model: str, gauge: bool = False, **labels: str) -> None:
         kind = pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER
         # The family must outlive its metric, so both are kept.
         self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-        self.metric = self.family.Metric(labels={"model": model})
+        self.metric = self.family.Metric(labels={"model": model, **labels})
 
     def add(self, value: float) -> None:
         self.metric.increment(value)
 
     def set(self, value: float) -> None:
         self.metric.set(value)
+
+
+class Histogram:
+    """One labelled Prometheus histogram on Triton's metrics endpoint."""
+
+    def __init__(self, name: str, description: str, model: str, buckets: list[float]) -> None:
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.HISTOGRAM)
+        self.metric = self.family.Metric(labels={"model": model}, buckets=buckets)
+
+    def observe(self, value: float) -> None:
+        self.metric.observe(value)
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,13 @@ class StageSettings:
         return resolve_checkpoint(self.params["checkpoint"], self.params.get("revision") or None)
 
 
+def stage_settings(args: dict[str, str]) -> StageSettings:
+    """A model instance's parameters, device and dtype, with its torch threads configured."""
+    params = model_parameters(args)
+    configure_threads(params)
+    return StageSettings(params, torch_device(args, params["device"]), parse_dtype(params.get("dtype", "float32")))
+
+
 class BatchAdapter:
     """Base of every `TritonPythonModel`: per-request errors around one batched predict.
 
@@ -139,10 +158,8 @@ class BatchAdapter:
 
     def setup(self, args: dict[str, str]) -> StageSettings:
         """Parameters, device and dtype; torch threads configured; batch metrics exported."""
-        params = model_parameters(args)
-        configure_threads(params)
         self.init_metrics(args)
-        return StageSettings(params, torch_device(args, params["device"]), parse_dtype(params.get("dtype", "float32")))
+        return stage_settings(args)
 
     def init_metrics(self, args: dict[str, str]) -> None:
         model = args["model_name"]

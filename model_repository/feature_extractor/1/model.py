@@ -7,6 +7,8 @@ later steps always receive the same set of inputs and Triton can batch any reque
 Parameters: variant (ar | nar), device, max_audio_seconds, max_new_tokens_limit, cpu_threads.
 """
 
+import time
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -45,7 +47,7 @@ class TritonPythonModel(BatchAdapter):
         options = request_options(request)
         options.validate(self.max_new_tokens_limit, self.languages)
         self.audio_seconds.add(audio.shape[0] / SAMPLE_RATE)
-        return audio, options
+        return audio, options.started(time.time())
 
     def predict(self, batch: list[tuple[torch.Tensor, SpeechRequest]]) -> list[tuple[torch.Tensor, str]]:
         return [(self.front_end(audio), options.to_json()) for audio, options in batch]

@@ -1,48 +1,41 @@
-"""Triton adapter: audio embeddings + request OPTIONS -> text (contract in config.pbtxt).
+"""Triton adapter: relays the unary ensemble's requests to the decoding engine (contract in config.pbtxt).
 
-Parameters: checkpoint, revision, device, dtype, max_new_tokens_limit, cpu_threads.
+`execute` returns at once; a worker thread per request calls ar_llm_engine (decoupled) and sends
+its final answer through the request's response sender. Parameter: engine_model.
 """
 
-import numpy as np
-import torch
+import json
+import threading
+
 import triton_python_backend_utils as pb_utils
 
-from granite_speech_triton.model.decoder import DecodeItem, PromptedDecoder, Transcript, load_prompted_decoder
-from granite_speech_triton.model.prompts import SpeechRequest
-from granite_speech_triton.serving.triton_io import (
-    BatchAdapter,
-    Counter,
-    optional_text,
-    sequence_input,
-    tensor_output,
-)
+from granite_speech_triton.serving import bls
 
-WARMUP_AUDIO_TOKENS = 30
-WARMUP_NEW_TOKENS = 4
+OUTPUTS = ["TEXT", "TOKEN_IDS"]
 
 
-class TritonPythonModel(BatchAdapter):
+class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        stage = self.setup(args)
-        self.decoder: PromptedDecoder = load_prompted_decoder(stage.checkpoint(), stage.device, stage.dtype)
-        self.max_new_tokens_limit = int(stage.params["max_new_tokens_limit"])
-        self.tokens = Counter("granite_speech_generated_tokens_total", "Tokens generated", args["model_name"])
-        hidden = self.decoder.decoder.llm.config.hidden_size
-        warmup = SpeechRequest(max_new_tokens=WARMUP_NEW_TOKENS)
-        self.predict([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
+        config = json.loads(args["model_config"])
+        self.engine = config["parameters"]["engine_model"]["string_value"]
+        self.dependencies = bls.Dependencies(self.engine)
 
-    def decode(self, request) -> DecodeItem:
-        options = SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}"))
-        options.validate(self.max_new_tokens_limit)
-        return self.decoder.prepare(options, sequence_input(request, "AUDIO_EMBEDS"))
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            inputs = [pb_utils.get_input_tensor_by_name(request, name) for name in ("AUDIO_EMBEDS", "OPTIONS")]
+            sender = request.get_response_sender()
+            threading.Thread(target=self.relay, args=(inputs, sender), daemon=True).start()
+        return None
 
-    def predict(self, items: list[DecodeItem]) -> list[Transcript]:
-        return self.decoder.run(items)
-
-    def encode(self, transcript: Transcript):
-        self.tokens.add(len(transcript.token_ids))
-        text = np.array([transcript.text.encode("utf-8")], dtype=np.object_)
-        ids = np.array(transcript.token_ids, dtype=np.int32)
-        return pb_utils.InferenceResponse(
-            output_tensors=[tensor_output("TEXT", text, np.object_), tensor_output("TOKEN_IDS", ids, np.int32)]
-        )
+    def relay(self, inputs: list, sender) -> None:
+        """The engine's last response becomes this request's only response."""
+        last = None
+        try:
+            self.dependencies.ensure_loaded()
+            for tensors in bls.stream(self.engine, inputs, OUTPUTS):
+                last = tensors
+            bls.send_final(sender, last)
+        except bls.StepFailed as exc:
+            bls.send_final(sender, error=exc.error)
+        except Exception as exc:  # never leave a request unanswered
+            bls.send_final(sender, error=bls.internal_error(exc))

@@ -1,0 +1,83 @@
+"""Triton adapter: the streaming AR pipeline, decoupled (contract in config.pbtxt).
+
+Per request, a worker thread calls ar_encode (audio -> audio embeddings, options validated), then
+streams the decoding engine's partial responses back to the client. A client that cancels is
+seen here (Triton 2.51 does not pass cancellation through ensembles) and its engine request is
+cancelled by key. Parameters: encode_model, engine_model.
+"""
+
+import json
+import threading
+import time
+import uuid
+
+import triton_python_backend_utils as pb_utils
+
+from granite_speech_triton.serving import bls
+
+INPUTS = ("AUDIO", "SAMPLE_RATE", "TASK", "LANGUAGE", "TARGET_LANGUAGE", "KEYWORDS", "PUNCTUATE", "MAX_NEW_TOKENS")
+INPUTS += ("TIMEOUT_MS",)
+OUTPUTS = ["TEXT", "TOKEN_IDS"]
+
+
+CANCEL_POLL_S = 0.1  # how often open streams are checked for cancellation
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        params = json.loads(args["model_config"])["parameters"]
+        self.encode_model = params["encode_model"]["string_value"]
+        self.engine = params["engine_model"]["string_value"]
+        self.dependencies = bls.Dependencies(self.encode_model, self.engine)
+        self.open: dict[str, object] = {}  # engine key -> the client's request, while it streams
+        self.lock = threading.Lock()
+        threading.Thread(target=self.watch_cancellations, daemon=True).start()
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in INPUTS) if t is not None]
+            threading.Thread(target=self.run, args=(request, inputs), daemon=True).start()
+        return None
+
+    def run(self, request, inputs: list) -> None:
+        sender = request.get_response_sender()
+        key = uuid.uuid4().hex
+        try:
+            self.dependencies.ensure_loaded()
+            encoded = bls.call(self.encode_model, inputs, ["AUDIO_EMBEDS", "OPTIONS"])
+            engine_inputs = [encoded["AUDIO_EMBEDS"], encoded["OPTIONS"], bls.control({"stream": True, "key": key})]
+            with self.lock:
+                self.open[key] = request
+            self.relay(sender, bls.stream(self.engine, engine_inputs, OUTPUTS))
+        except bls.StepFailed as exc:
+            bls.send_final(sender, error=exc.error)
+        except Exception as exc:  # never leave a request unanswered
+            bls.send_final(sender, error=bls.internal_error(exc))
+        finally:
+            with self.lock:
+                self.open.pop(key, None)
+
+    @staticmethod
+    def relay(sender, responses) -> None:
+        """Send each response once the next arrives; the last one closes the stream."""
+        held = None
+        for tensors in responses:
+            if held is not None:
+                bls.send_partial(sender, held)
+            held = tensors
+        bls.send_final(sender, held)
+
+    def watch_cancellations(self) -> None:
+        """Cancel the engine request of every stream whose client gave up."""
+        while True:
+            time.sleep(CANCEL_POLL_S)
+            with self.lock:
+                gone = [key for key, request in self.open.items() if request.is_cancelled()]
+                for key in gone:
+                    del self.open[key]
+            for key in gone:
+                try:
+                    for _ in bls.stream(self.engine, [bls.control({"cancel": key})], OUTPUTS):
+                        pass
+                except Exception:  # the engine ends the request at its deadline anyway
+                    bls.log.exception("cancelling an engine request failed")
