@@ -42,7 +42,7 @@ class TransformersReference:
         return ids.to(self.model.device)
 
     @torch.inference_mode()
-    def generate(self, audio: np.ndarray, instruction: str, max_new_tokens: int) -> list[int]:
+    def generate(self, audio: np.ndarray, instruction: str, max_new_tokens: int, streamer=None) -> list[int]:
         features = self.front_end(torch.from_numpy(audio)).to(self.dtype)[None]  # [1, frames, 160]
         ids = self.prompt_ids(instruction, features.shape[1])
         out = self.model.generate(
@@ -52,5 +52,6 @@ class TransformersReference:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
+            streamer=streamer,
         )  # [1, prompt + new]
         return out[0, ids.shape[1] :].tolist()

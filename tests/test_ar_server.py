@@ -8,7 +8,7 @@ import tritonclient.grpc as grpcclient
 from audio_samples import mixed_lengths
 from bad_inputs import BAD_REQUESTS, GOOD
 from reference import CARD_INSTRUCTIONS, reference_generate
-from triton_helpers import batch_counts, infer, infer_concurrently
+from triton_helpers import batch_counts, infer, infer_concurrently, metric
 
 pytestmark = pytest.mark.server
 MODEL = "granite_speech"
@@ -39,7 +39,8 @@ def audios() -> list[np.ndarray]:
 def test_concurrent_requests_equal_transformers_generate(ar_server, tiny_ar_checkpoint, audios):
     """Sixteen requests (8 audios x transcription and translation) batched together on the server
     return exactly the tokens of transformers' greedy generate run one audio at a time."""
-    before = {m: batch_counts(ar_server.http_url, m) for m in ("ar_conformer_encoder", "ar_llm_decoder")}
+    before = batch_counts(ar_server.http_url, "ar_conformer_encoder")
+    multi_row_steps_before = multi_row_steps(ar_server.metrics_url)
     requests, expected = [], []
     for index, audio in enumerate(audios):
         for options, instruction in (TASKS[index % 2], TASKS[2 + index % 2]):
@@ -50,10 +51,15 @@ def test_concurrent_requests_equal_transformers_generate(ar_server, tiny_ar_chec
         assert not isinstance(result, Exception), str(result)
         assert result[1] == want
     assert len({tuple(r[1]) for r in results}) > 4, "tiny model outputs should depend on the input"
-    for model, counts_before in before.items():
-        after = batch_counts(ar_server.http_url, model)
-        multi = sum(n - counts_before.get(size, 0) for size, n in after.items() if size > 1)
-        assert multi > 0, f"{model} never executed a batch of more than one request: {after}"
+    after = batch_counts(ar_server.http_url, "ar_conformer_encoder")
+    assert sum(n - before.get(size, 0) for size, n in after.items() if size > 1) > 0, "no encoder batch > 1"
+    assert multi_row_steps(ar_server.metrics_url) > multi_row_steps_before, "the engine never decoded rows together"
+
+
+def multi_row_steps(metrics_url: str) -> float:
+    """Engine steps that decoded more than one request so far."""
+    steps = metric(metrics_url, "granite_speech_engine_step_rows_count", model="ar_llm_engine")
+    return steps - metric(metrics_url, "granite_speech_engine_step_rows_bucket", model="ar_llm_engine", le="1")
 
 
 def test_default_options_and_keywords_match_reference(ar_server, tiny_ar_checkpoint, audios):
@@ -88,27 +94,24 @@ def test_three_dimensional_audio_is_rejected_by_shape(ar_server):
         infer(ar_server.grpc_url, MODEL, GOOD[None, None])
 
 
-def metric_value(metrics_url: str, name: str, model: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(metrics_url) as response:
-        text = response.read().decode()
-    prefix = f'{name}{{model="{model}"}} '
-    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
-    assert values, f"{name} for {model} not exported"
-    return values[0]
-
-
 def test_custom_metrics_count_audio_tokens_and_rejections(ar_server):
-    before = metric_value(ar_server.metrics_url, "granite_speech_audio_seconds_total", "ar_feature_extractor")
-    tokens = metric_value(ar_server.metrics_url, "granite_speech_generated_tokens_total", "ar_llm_decoder")
-    rejected = metric_value(ar_server.metrics_url, "granite_speech_rejected_requests_total", "ar_feature_extractor")
+    url = ar_server.metrics_url
+    engine = {"model": "ar_llm_engine"}
+    before = metric(url, "granite_speech_audio_seconds_total", model="ar_feature_extractor")
+    tokens = metric(url, "granite_speech_generated_tokens_total", **engine)
+    rejected = metric(url, "granite_speech_rejected_requests_total", model="ar_feature_extractor")
+    steps = metric(url, "granite_speech_engine_step_rows_count", **engine)
+    first_tokens = metric(url, "granite_speech_engine_first_token_seconds_count", **engine)
     _, ids = infer(ar_server.grpc_url, MODEL, GOOD, MAX_NEW_TOKENS=("INT32", 5))
     with pytest.raises(grpcclient.InferenceServerException):
         infer(ar_server.grpc_url, MODEL, GOOD, LANGUAGE=("BYTES", "xx"))
-    url = ar_server.metrics_url
-    after = metric_value(url, "granite_speech_audio_seconds_total", "ar_feature_extractor")
+    after = metric(url, "granite_speech_audio_seconds_total", model="ar_feature_extractor")
     assert after - before == pytest.approx(GOOD.shape[0] / 16_000)
-    assert metric_value(url, "granite_speech_generated_tokens_total", "ar_llm_decoder") - tokens == len(ids)
-    assert metric_value(url, "granite_speech_rejected_requests_total", "ar_feature_extractor") - rejected == 1
-    assert metric_value(url, "granite_speech_batch_requests", "ar_llm_decoder") >= 1
+    assert metric(url, "granite_speech_generated_tokens_total", **engine) - tokens == len(ids)
+    assert metric(url, "granite_speech_rejected_requests_total", model="ar_feature_extractor") - rejected == 1
+    # 5 tokens: the first from the prefill, then 4 decode steps (or fewer when it ends by end of text)
+    assert 1 <= metric(url, "granite_speech_engine_step_rows_count", **engine) - steps <= 5
+    assert metric(url, "granite_speech_engine_first_token_seconds_count", **engine) - first_tokens == 1
+    assert metric(url, "granite_speech_kv_cache_bytes", **engine) > 0
+    assert metric(url, "granite_speech_engine_tokens_per_second", **engine) >= 0
+    assert metric(url, "granite_speech_batch_requests", model="ar_conformer_encoder") >= 1

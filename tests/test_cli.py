@@ -126,3 +126,21 @@ def test_help_documents_exit_codes():
     for line in ("3  server unreachable", "4  model (ensemble) not ready", "5  bad input file", "6  server rejected"):
         assert line in done.stdout
     assert cli("transcribe").returncode == 2  # no files: usage error
+
+
+def test_stream_prints_the_text_as_it_grows(ar_server, files):
+    done = cli("transcribe", files["one"], "--stream", "--server", ar_server.grpc_url, "--max-new-tokens", NEW_TOKENS)
+    as_json = cli(
+        "translate", files["two"], "--to", "de", "--stream", "--json", "--server", ar_server.http_url,
+        "--protocol", "http", "--max-new-tokens", NEW_TOKENS,
+    )  # fmt: skip
+    assert done.returncode == 0 and as_json.returncode == 0, done.stderr + as_json.stderr
+    with GraniteSpeechClient(ar_server.grpc_url) as client:
+        text = client.transcribe(files["one"], max_new_tokens=int(NEW_TOKENS)).text
+        translation = client.translate(files["two"], target_language="de", max_new_tokens=int(NEW_TOKENS))
+    assert done.stdout == text + "\n"
+    updates = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert len(updates) >= 2 and [u["final"] for u in updates] == [False] * (len(updates) - 1) + [True]
+    assert updates[-1]["text"] == translation.text and tuple(updates[-1]["token_ids"]) == translation.token_ids
+    nar = cli("transcribe", files["one"], "--stream", "--variant", "nar", "--server", ar_server.grpc_url)
+    assert nar.returncode == 2 and "--stream needs variant 'ar'" in nar.stderr

@@ -303,10 +303,52 @@ def test_unreadable_inputs_fail_on_the_client(tmp_path):
 
 def test_nar_requests_carry_only_the_nar_inputs():
     audio = np.ones(SAMPLE_RATE, np.float32)
-    inputs = request_inputs(audio, RequestOptions(variant="nar", language="fr").validate())
+    inputs = request_inputs(audio, RequestOptions(variant="nar", language="fr").validate(), 30.0)
     assert sorted(inputs) == ["AUDIO", "LANGUAGE"]
     assert inputs["AUDIO"].shape == (1, SAMPLE_RATE) and inputs["LANGUAGE"].tolist() == [[b"fr"]]
-    assert sorted(request_inputs(audio, RequestOptions(variant="nar"))) == ["AUDIO"]  # defaults are not sent
+    assert sorted(request_inputs(audio, RequestOptions(variant="nar"), 30.0)) == ["AUDIO"]  # defaults are not sent
+
+
+def test_ar_requests_carry_the_client_timeout_as_their_server_deadline():
+    audio = np.ones(SAMPLE_RATE, np.float32)
+    assert request_inputs(audio, RequestOptions(), 12.5)["TIMEOUT_MS"].tolist() == [[12_500]]
+    assert request_inputs(audio, RequestOptions(), 1e9)["TIMEOUT_MS"].tolist() == [[3_600_000]]  # the server's bound
+
+
+@pytest.mark.server
+def test_streams_grow_into_the_unary_result(client, speech):
+    options = dict(sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS, punctuate=True)
+    streams = {
+        "transcribe": (list(client.transcribe_stream(speech, **options)), client.transcribe(speech, **options)),
+        "translate": (
+            list(client.translate_stream(speech, target_language="es", **options)),
+            client.translate(speech, target_language="es", **options),
+        ),
+    }
+    for name, (updates, unary) in streams.items():
+        assert len(updates) >= 2 and updates[-1].final and not any(u.final for u in updates[:-1]), name
+        assert (updates[-1].text, updates[-1].token_ids) == (unary.text, unary.token_ids), name
+        for before, after in itertools.pairwise(updates):
+            assert after.text.startswith(before.text) and after.token_ids[: len(before.token_ids)] == before.token_ids
+
+
+@pytest.mark.server
+def test_long_audio_streams_piece_after_piece(grpc_client, speech):
+    audio = long_audio(speech, (33.0,), 50.0)
+    whole = grpc_client.transcribe(audio, sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS)
+    updates = list(grpc_client.transcribe_stream(audio, sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS))
+    assert len(whole.pieces) == 2 and [u.final for u in updates].count(True) == 1 and updates[-1].final
+    assert (updates[-1].text, updates[-1].token_ids) == (whole.text, whole.token_ids)
+    first_piece = whole.pieces[0].token_ids
+    assert any(u.token_ids == first_piece for u in updates)  # the first piece completed before the second began
+
+
+def test_streaming_options_are_checked_before_anything_is_sent():
+    with GraniteSpeechClient(f"127.0.0.1:{free_port()}", retries=0) as client:
+        with pytest.raises(InvalidRequestError, match="unsupported language 'xx'"):
+            client.transcribe_stream(np.ones(SAMPLE_RATE, np.float32), sample_rate=SAMPLE_RATE, language="xx")
+        with pytest.raises(AudioInputError, match="empty"):
+            client.translate_stream(np.zeros(0, np.float32), sample_rate=SAMPLE_RATE, target_language="fr")
 
 
 def test_invalid_options_fail_before_anything_is_sent():

@@ -4,8 +4,17 @@ import re
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
-from granite_speech_triton.serving.repository import MODELS, DeploySettings, render
+from granite_speech_triton.serving.repository import (
+    ENSEMBLE_FOLDERS,
+    ENSEMBLES,
+    MODELS,
+    STREAMING,
+    DeploySettings,
+    render,
+)
 
 
 def test_render_fills_every_template(tmp_path: Path):
@@ -14,22 +23,44 @@ def test_render_fills_every_template(tmp_path: Path):
     rendered = {
         p.parent.name: p.read_text() for p in [*models.glob("*/config.pbtxt"), *ensembles.glob("*/config.pbtxt")]
     }
-    assert set(rendered) == {*MODELS["ar"], *MODELS["nar"], "granite_speech", "granite_speech_nar"}
+    assert set(rendered) == {*MODELS["ar"], *MODELS["nar"], *ENSEMBLE_FOLDERS["ar"], *ENSEMBLE_FOLDERS["nar"]}
     for name, text in rendered.items():
         assert "$" not in text, f"{name} has an unfilled placeholder"
         assert re.search(rf'^name: "{name}"$', text, re.M)
-        assert "max_batch_size: 64" in text
+        assert "max_batch_size: 64" in text or name == STREAMING["ar"]  # decoupled, unbatched
     encoder = rendered["ar_conformer_encoder"]
     assert "kind: KIND_GPU" in encoder and 'string_value: "bfloat16"' in encoder and "/ckpt/ar" in encoder
     for name in MODELS["ar"]:
-        assert "dynamic_batching" in rendered[name]
+        assert "dynamic_batching" in rendered[name] or name == STREAMING["ar"]
         assert (models / name / "1" / "model.py").is_file()
+    engine = rendered["ar_llm_engine"]
+    assert "decoupled: true" in engine and 'key: "scheduler", value: { string_value: "inflight" }' in engine
 
 
 def test_render_only_the_requested_variant(tmp_path: Path):
     models, ensembles = render(tmp_path, DeploySettings(), ("ar",))
     assert sorted(p.name for p in models.iterdir()) == sorted(MODELS["ar"])
-    assert [p.name for p in ensembles.iterdir()] == ["granite_speech"]
+    assert sorted(p.name for p in ensembles.iterdir()) == ["ar_encode", "granite_speech"]
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def test_every_ensemble_step_matches_its_model_and_streaming_takes_the_ensemble_inputs(tmp_path: Path):
+    models, ensembles = render(tmp_path, DeploySettings(), ("ar", "nar"))
+    configs = {p.parent.name: parse(p) for p in [*models.glob("*/config.pbtxt"), *ensembles.glob("*/config.pbtxt")]}
+    for ensemble in ENSEMBLE_FOLDERS["ar"] + ENSEMBLE_FOLDERS["nar"]:
+        for step in configs[ensemble].ensemble_scheduling.step:
+            model = configs[step.model_name]
+            assert set(step.input_map) <= {i.name for i in model.input}, step.model_name
+            assert set(step.output_map) <= {o.name for o in model.output}, step.model_name
+            assert {i.name for i in model.input if not i.optional} <= set(step.input_map), step.model_name
+    unary, streaming = configs[ENSEMBLES["ar"]], configs[STREAMING["ar"]]
+    assert [(i.name, i.data_type, [1, *i.dims]) for i in unary.input] == [
+        (i.name, i.data_type, list(i.dims)) for i in streaming.input
+    ]
+    assert streaming.model_transaction_policy.decoupled and not unary.model_transaction_policy.decoupled
 
 
 def test_variable_length_inputs_allow_ragged_batches(tmp_path: Path):
@@ -47,3 +78,7 @@ def test_unknown_and_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="device"):
         DeploySettings.from_strings({"device": "tpu"})
     assert DeploySettings.from_strings({"max_batch_size": "8", "max_audio_seconds": "30"}).max_batch_size == 8
+    with pytest.raises(ValueError, match="scheduler"):
+        DeploySettings(scheduler="continuous")
+    with pytest.raises(ValueError, match="kv_tokens_per_row"):
+        DeploySettings(kv_tokens_per_row=-1)

@@ -21,7 +21,8 @@ def exported(tiny_ar_checkpoint, tiny_nar_checkpoint, tmp_path_factory) -> Path:
 def test_render_libtorch(exported, tmp_path):
     settings = DeploySettings(backend="libtorch", libtorch_dir=str(exported))
     models, ensembles = render(tmp_path, settings, ("ar", "nar"))
-    configs = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in models.glob("*/config.pbtxt")}
+    files = [*models.glob("*/config.pbtxt"), *ensembles.glob("*/config.pbtxt")]
+    configs = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in files}
     for name in (*MODELS["ar"], *MODELS["nar"]):
         libtorch = name in LIBTORCH_MODELS
         assert configs[name].backend == ("pytorch" if libtorch else "python")

@@ -66,3 +66,17 @@ def batch_counts(http_url: str, model: str) -> dict[int, int]:
     with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats") as response:
         stats = json.load(response)["model_stats"][0]
     return {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    """The value of the one sample of `name` whose labels include `labels` (KeyError if none)."""
+    with urllib.request.urlopen(metrics_url) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
+        found = dict(pair.split("=", 1) for pair in label_text.split(","))
+        if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(value)
+    raise KeyError(f"{name} with {labels} is not exported")

@@ -18,7 +18,7 @@ from .errors import (
     ServerUnreachableError,
 )
 from .options import ASR_LANGUAGES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS
-from .results import Health, ItemResult, Piece, SpeechResult
+from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
 
 __all__ = [
     "ASR_LANGUAGES",
@@ -39,6 +39,7 @@ __all__ = [
     "ServerRejectedError",
     "ServerUnreachableError",
     "SpeechResult",
+    "StreamUpdate",
     "load_audio",
     "split_points",
 ]

@@ -2,6 +2,7 @@
 
     granite-speech transcribe a.wav b.flac [--variant ar|nar] [--language en] [--json]
     granite-speech translate a.wav --to fr [--language en] [--punctuate]
+    granite-speech transcribe a.wav --stream       (AR: prints the text as it is generated)
     granite-speech health
 
 Exit codes:
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from .client import GraniteSpeechClient
-from .errors import GraniteSpeechError
+from .errors import GraniteSpeechError, InvalidRequestError
 from .options import ASR_LANGUAGES, ENSEMBLES, TRANSLATION_TARGETS, VARIANTS, RequestOptions, parse_keywords
 from .results import ItemResult
 
@@ -122,11 +123,47 @@ def run_files(args: argparse.Namespace, options: RequestOptions, run_many: Calla
     return summary_exit_code(items)
 
 
+def run_streams(args: argparse.Namespace, options: RequestOptions, open_stream: Callable[..., object]) -> int:
+    """Each file in turn, its text printed as it grows (JSON: one object per update)."""
+    options.validate()
+    if options.variant != "ar":
+        raise InvalidRequestError("--stream needs variant 'ar' (the NAR model answers in one pass)")
+    args.client.check_ready(options.variant)
+    for path in args.files:
+        if len(args.files) > 1 and not args.json:
+            print(f"{path}: ", end="", flush=True)
+        printed = ""
+        for update in open_stream(path):
+            if args.json:
+                print(json.dumps({"file": path, **update.to_dict()}, ensure_ascii=False), flush=True)
+            elif update.text.startswith(printed):
+                print(update.text[len(printed) :], end="", flush=True)
+                printed = update.text
+            else:  # a rare rewrite of the text so far (a piece boundary): start the line again
+                print(f"\n{update.text}", end="", flush=True)
+                printed = update.text
+        if not args.json:
+            print(flush=True)
+    return EXIT_OK
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
     keywords = parse_keywords(args.keywords)
     options = RequestOptions(
         args.variant, "transcribe", args.language, None, keywords, args.punctuate, args.max_new_tokens
     )
+    if args.stream:
+        return run_streams(
+            args,
+            options,
+            lambda path: args.client.transcribe_stream(
+                path,
+                language=args.language,
+                keywords=keywords,
+                punctuate=args.punctuate,
+                max_new_tokens=args.max_new_tokens,
+            ),
+        )
     return run_files(
         args,
         options,
@@ -144,6 +181,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 def cmd_translate(args: argparse.Namespace) -> int:
     options = RequestOptions("ar", "translate", args.language, args.to, (), args.punctuate, args.max_new_tokens)
+    if args.stream:
+        return run_streams(
+            args,
+            options,
+            lambda path: args.client.translate_stream(
+                path,
+                target_language=args.to,
+                language=args.language,
+                punctuate=args.punctuate,
+                max_new_tokens=args.max_new_tokens,
+            ),
+        )
     return run_files(
         args,
         options,
@@ -187,6 +236,7 @@ def add_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--punctuate", action="store_true", help="punctuated, truecased output (AR only)")
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="AR decode limit")
     parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated (AR)")
     parser.add_argument("--max-in-flight", type=int, default=8, metavar="N", help="concurrent requests (default 8)")
     parser.add_argument(
         "--progress",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -12,8 +12,9 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, AudioSource, Span, is_digital_silence, load_audio, split_points
 from .errors import AudioInputError, GraniteSpeechError, InvalidRequestError, ModelNotReadyError
-from .options import ENSEMBLES, FEATURE_EXTRACTORS, VARIANTS, RequestOptions, parse_keywords
-from .results import Health, ItemResult, Piece, SpeechResult
+from .options import ENSEMBLES, FEATURE_EXTRACTORS, MAX_TIMEOUT_MS, VARIANTS, RequestOptions, parse_keywords
+from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
+from .streaming import stream
 from .transport import ConnectionSettings, TransportPool, normalize_url
 
 DEFAULT_MAX_AUDIO_SECONDS = 120.0  # used when the server's feature extractor does not say
@@ -124,6 +125,37 @@ class GraniteSpeechClient:
         options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
         return self._many(list(items), options, sample_rate, max_in_flight, on_result)
 
+    def transcribe_stream(
+        self,
+        audio: AudioSource,
+        *,
+        language: str = "en",
+        keywords: Keywords = None,
+        punctuate: bool = False,
+        max_new_tokens: int | None = None,
+        sample_rate: int | None = None,
+    ) -> Iterator[StreamUpdate]:
+        """`transcribe` (AR) yielding the growing text as the server generates it; the last update
+        is final. Stopping the iteration early cancels the request on the server (gRPC)."""
+        options = RequestOptions(
+            "ar", "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
+        )
+        return self._stream(audio, options, sample_rate)
+
+    def translate_stream(
+        self,
+        audio: AudioSource,
+        *,
+        target_language: str,
+        language: str = "en",
+        punctuate: bool = False,
+        max_new_tokens: int | None = None,
+        sample_rate: int | None = None,
+    ) -> Iterator[StreamUpdate]:
+        """`translate` yielding the growing text; see `transcribe_stream`."""
+        options = RequestOptions("ar", "translate", language, target_language, (), punctuate, max_new_tokens)
+        return self._stream(audio, options, sample_rate)
+
     def max_audio_seconds(self, variant: str = "ar") -> float:
         """The server's audio limit for `variant` (its feature extractor's `max_audio_seconds`)."""
         check_variant(variant)
@@ -194,10 +226,37 @@ class GraniteSpeechClient:
         return Piece(start_s, end_s, text, token_ids, time.perf_counter() - started)
 
     def _infer(self, waveform: np.ndarray, options: RequestOptions) -> tuple[str, tuple[int, ...]]:
-        outputs = self._pool.get().infer(ENSEMBLES[options.variant], request_inputs(waveform, options), OUTPUTS)
+        inputs = request_inputs(waveform, options, self.settings.timeout_s)
+        outputs = self._pool.get().infer(ENSEMBLES[options.variant], inputs, OUTPUTS)
         text = outputs["TEXT"].reshape(-1)[0]
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
         return text, tuple(int(t) for t in outputs["TOKEN_IDS"].reshape(-1))
+
+    # ---- streaming --------------------------------------------------------------------------
+
+    def _stream(self, audio: AudioSource, options: RequestOptions, sample_rate: int | None) -> Iterator[StreamUpdate]:
+        """Checks and loads the audio now; the returned iterator sends the request(s)."""
+        options.validate()
+        waveform = load_audio(audio, sample_rate)
+        limit = self.max_audio_seconds(options.variant)
+        spans = split_points(waveform, limit) if waveform.shape[0] > limit * SAMPLE_RATE else []
+        return self._stream_pieces([waveform[s.start : s.end] for s in spans] or [waveform], options)
+
+    def _stream_pieces(self, pieces: list[np.ndarray], options: RequestOptions) -> Iterator[StreamUpdate]:
+        """Stream each piece in turn; the text of earlier pieces leads the text of later ones."""
+        done_text, done_ids = "", ()
+        for index, samples in enumerate(pieces):
+            last = index == len(pieces) - 1
+            if is_digital_silence(samples):
+                if last:
+                    yield StreamUpdate(done_text, done_ids, True)
+                continue
+            inputs = request_inputs(samples, options, self.settings.timeout_s)
+            for text, ids, final in stream(self.settings, inputs):
+                joined = " ".join(t for t in (done_text, text.strip()) if t)
+                yield StreamUpdate(joined, done_ids + ids, final and last)
+                if final:
+                    done_text, done_ids = joined, done_ids + ids
 
     # ---- many inputs ------------------------------------------------------------------------
 
@@ -234,8 +293,12 @@ class GraniteSpeechClient:
         return results
 
 
-def request_inputs(waveform: np.ndarray, options: RequestOptions) -> dict[str, np.ndarray]:
-    """The ensemble's inputs; optional ones only when they differ from the server's defaults."""
+def request_inputs(waveform: np.ndarray, options: RequestOptions, timeout_s: float) -> dict[str, np.ndarray]:
+    """The ensemble's inputs; optional ones only when they differ from the server's defaults.
+
+    AR requests carry the client's timeout, so that the server stops decoding a request the client
+    no longer waits for.
+    """
     inputs = {"AUDIO": waveform.reshape(1, -1).astype(np.float32, copy=False)}  # [1, samples]
     texts = {
         "TASK": options.task if options.task != "transcribe" else None,
@@ -250,6 +313,8 @@ def request_inputs(waveform: np.ndarray, options: RequestOptions) -> dict[str, n
         inputs["PUNCTUATE"] = np.array([[True]])
     if options.max_new_tokens is not None:
         inputs["MAX_NEW_TOKENS"] = np.array([[options.max_new_tokens]], dtype=np.int32)
+    if options.variant == "ar":
+        inputs["TIMEOUT_MS"] = np.array([[min(int(timeout_s * 1000), MAX_TIMEOUT_MS)]], dtype=np.int32)
     return inputs
 
 

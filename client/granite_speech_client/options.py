@@ -17,6 +17,7 @@ ASR_LANGUAGES = ("en", "fr", "de", "es", "pt", "ja")  # AR model
 NAR_LANGUAGES = ("en", "fr", "de", "es", "pt")  # NAR model
 TRANSLATION_TARGETS = ("en", "fr", "de", "es", "pt", "ja", "it", "zh")  # one side must be English
 MAX_KEYWORDS = 100
+MAX_TIMEOUT_MS = 3_600_000  # the server's bound on TIMEOUT_MS
 ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}
 FEATURE_EXTRACTORS = {"ar": "ar_feature_extractor", "nar": "nar_feature_extractor"}
 

@@ -37,6 +37,18 @@ class SpeechResult:
 
 
 @dataclass(frozen=True)
+class StreamUpdate:
+    """What a streaming request has produced so far (`transcribe_stream`, `translate_stream`)."""
+
+    text: str  # the whole text so far (earlier pieces of a split file included)
+    token_ids: tuple[int, ...]
+    final: bool  # the last update: the complete result
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ItemResult:
     """The outcome of one item of `transcribe_many` / `translate_many`: a result or an error."""
 

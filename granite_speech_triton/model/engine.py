@@ -272,7 +272,7 @@ class DecodeEngine:
             for seq, token in zip(self.scheduler.running, tokens, strict=True):
                 seq.tokens.append(token)
             self._retire_finished()
-        self._notify_streams()
+        self._notify_streams(self.scheduler.running)
         if admitted or rows:
             now = self.clock()
             report = StepReport(rows, admitted, now - started, now, len(self.scheduler.waiting))
@@ -340,6 +340,7 @@ class DecodeEngine:
                 seq.tokens.append(token)
                 seq.first_token_at = self.clock()
         self._retire_finished()
+        self._notify_streams(admitted)  # the first token, before this step's decode
 
     def _retire_finished(self) -> None:
         done = []
@@ -371,9 +372,9 @@ class DecodeEngine:
         seq.finish, seq.message = reason, message
         self._notify(seq)
 
-    def _notify_streams(self) -> None:
-        for seq in self.scheduler.running:
-            if seq.stream:
+    def _notify_streams(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.stream and seq.finish is None:
                 self._notify(seq)
 
     @staticmethod

@@ -31,7 +31,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SECONDS_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 RATE_WINDOW_S = 5.0  # generated tokens per second are averaged over this window
-INCOMPLETE_CHARACTER = "\ufffd"  # a partial text ending in a cut multi-byte character waits a step
+INCOMPLETE_CHARACTER = "\ufffd"  # how a multi-byte character cut by the end of a partial text decodes
 
 
 class EngineMetrics:
@@ -83,10 +83,10 @@ class EngineMetrics:
 
 @dataclass
 class Delivery:
-    """Where one request's answers go, and the last text it was sent."""
+    """Where one request's answers go, and how many tokens it has been sent."""
 
     sender: object
-    sent_text: str = field(default="")
+    sent_tokens: int = field(default=0)
 
 
 class EngineFrontend:
@@ -150,25 +150,27 @@ class EngineFrontend:
             self._partial(delivery, seq)
         elif seq.finish in (Finish.EOS, Finish.LENGTH):
             self.metrics.on_end(seq)
-            delivery.sender.send(self._response(self.decoder.text(seq.tokens), seq.tokens), flags=FINAL)
+            delivery.sender.send(self._response(self.decoder.text(seq.tokens), seq.tokens, final=True), flags=FINAL)
         else:
             self.metrics.on_end(seq)
             code = "INTERNAL" if seq.finish is Finish.ERROR else "CANCELLED"
             send_final(delivery.sender, error=tagged_error(seq.message, code))
 
     def _partial(self, delivery: Delivery, seq: Sequence) -> None:
-        text = self.decoder.text(seq.tokens)
-        if text == delivery.sent_text or text.endswith(INCOMPLETE_CHARACTER):
+        """The text so far, without a multi-byte character that the next token may complete."""
+        if len(seq.tokens) == delivery.sent_tokens:
             return
-        delivery.sent_text = text
-        delivery.sender.send(self._response(text, seq.tokens))
+        delivery.sent_tokens = len(seq.tokens)
+        text = self.decoder.text(seq.tokens).rstrip(INCOMPLETE_CHARACTER)
+        delivery.sender.send(self._response(text, seq.tokens, final=False))
 
     @staticmethod
-    def _response(text: str, token_ids: list[int]) -> pb_utils.InferenceResponse:
+    def _response(text: str, token_ids: list[int], final: bool) -> pb_utils.InferenceResponse:
         return pb_utils.InferenceResponse(
             output_tensors=[
                 tensor_output("TEXT", np.array([text.encode("utf-8")], dtype=np.object_), np.object_),
                 tensor_output("TOKEN_IDS", np.array(token_ids, dtype=np.int32), np.int32),
+                tensor_output("FINAL", np.array([final]), np.bool_),
             ]
         )
 

@@ -48,7 +48,7 @@ class TritonPythonModel:
             engine_inputs = [encoded["AUDIO_EMBEDS"], encoded["OPTIONS"], bls.control({"stream": True, "key": key})]
             with self.lock:
                 self.open[key] = request
-            self.relay(sender, bls.stream(self.engine, engine_inputs, OUTPUTS))
+            self.relay(sender, bls.stream(self.engine, engine_inputs, [*OUTPUTS, "FINAL"]))
         except bls.StepFailed as exc:
             bls.send_final(sender, error=exc.error)
         except Exception as exc:  # never leave a request unanswered
@@ -59,13 +59,15 @@ class TritonPythonModel:
 
     @staticmethod
     def relay(sender, responses) -> None:
-        """Send each response once the next arrives; the last one closes the stream."""
-        held = None
+        """Pass each engine response on as it comes; the one marked FINAL closes the stream."""
         for tensors in responses:
-            if held is not None:
-                bls.send_partial(sender, held)
-            held = tensors
-        bls.send_final(sender, held)
+            by_name = {t.name(): t for t in tensors}
+            outputs = [by_name[name] for name in OUTPUTS]
+            if by_name["FINAL"].as_numpy().reshape(-1)[0]:
+                bls.send_final(sender, outputs)
+                return
+            bls.send_partial(sender, outputs)
+        raise RuntimeError("the engine closed a stream without a final response")
 
     def watch_cancellations(self) -> None:
         """Cancel the engine request of every stream whose client gave up."""
