@@ -98,6 +98,11 @@ class EngineFrontend:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.metrics = EngineMetrics(model_name)
         self.engine.observers.append(lambda report: self.metrics.on_step(report, self.engine.pool.allocated_bytes()))
+        pool, config = self.engine.pool, self.engine.config
+        pb_utils.Logger.log_info(
+            f"{model_name}: KV cache of at most {config.max_rows} rows x {config.max_tokens_per_row} positions "
+            f"= {pool.max_bytes() / 2**30:.2f} GiB ({config.policy.value} scheduler)"
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.engine.serve, args=(self._stop,), daemon=True, name="engine")
 
