@@ -24,7 +24,7 @@ import yaml
 
 from granite_speech_triton import cli
 from granite_speech_triton.serving import server
-from granite_speech_triton.serving.repository import DeploySettings, render
+from granite_speech_triton.serving.repository import ENSEMBLE_FOLDERS, MODELS, DeploySettings, render
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -210,12 +210,16 @@ def test_image_defaults_render_gpu_instances(tmp_path: Path, monkeypatch: pytest
             monkeypatch.setenv(key, re.sub(r"\$\{(\w+)\}", lambda m: default_arg(m.group(1)), value))
     variants = cli.parse_variants(dockerfile_env()["SERVE_VARIANTS"])
     models, ensembles = render(tmp_path, cli.settings_from([]), variants)
-    configs = [p.read_text() for p in models.glob("*/config.pbtxt")]
-    assert len(configs) == 4 * len(variants)
-    assert all("kind: KIND_GPU" in c and '"device", value: { string_value: "cuda" }' in c for c in configs)
-    dtypes = [re.search(r'"dtype", value: \{ string_value: "(\w+)"', c) for c in configs]
+    configs = {p.parent.name: p.read_text() for p in models.glob("*/config.pbtxt")}
+    assert set(configs) == {name for variant in variants for name in MODELS[variant]}
+    # every model with a device runs on the GPU; the relays in front of the AR engine hold no weights
+    on_device = [c for c in configs.values() if '"device"' in c]
+    assert len(on_device) >= 4 * len(variants)
+    assert all("kind: KIND_GPU" in c and '"device", value: { string_value: "cuda" }' in c for c in on_device)
+    dtypes = [re.search(r'"dtype", value: \{ string_value: "(\w+)"', c) for c in on_device]
     assert {m.group(1) for m in dtypes if m} == {"bfloat16"}
-    assert len(list(ensembles.glob("*/config.pbtxt"))) == len(variants)
+    expected = {name for variant in variants for name in ENSEMBLE_FOLDERS[variant]}
+    assert {p.parent.name for p in ensembles.glob("*/config.pbtxt")} == expected
 
 
 FAKE_PYTHON = """\
