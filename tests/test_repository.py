@@ -47,3 +47,17 @@ def test_unknown_and_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="device"):
         DeploySettings.from_strings({"device": "tpu"})
     assert DeploySettings.from_strings({"max_batch_size": "8", "max_audio_seconds": "30"}).max_batch_size == 8
+
+
+def test_every_component_bounds_its_queue_and_rejects_on_timeout(tmp_path: Path):
+    settings = DeploySettings(max_queue_size=7, queue_timeout_us=1234)
+    models, _ = render(tmp_path, settings, ("ar", "nar"))
+    for config in models.glob("*/config.pbtxt"):
+        batching = config.read_text().split("dynamic_batching {")[1].split("\n}\n")[0]
+        policy = " ".join(batching.split())
+        assert (
+            "default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 1234 max_queue_size: 7 }"
+        ) in policy, config.parent.name
+    assert DeploySettings().max_queue_size > DeploySettings().max_batch_size  # a full batch can wait by default
+    with pytest.raises(ValueError, match="max_queue_size must be 0"):
+        DeploySettings(max_queue_size=-1)

@@ -37,7 +37,11 @@ MAX_KEYWORDS = 100
 
 @dataclass(frozen=True)
 class SpeechRequest:
-    """What the caller asked for; `validate` raises RequestError naming the bad field."""
+    """What the caller asked for; `validate` raises RequestError naming the bad field.
+
+    `silent` is not the caller's: the first pipeline step sets it when every audio sample is zero,
+    and the steps that generate text answer such a request with an empty transcript at once.
+    """
 
     task: str = "transcribe"
     language: str = "en"
@@ -45,6 +49,7 @@ class SpeechRequest:
     keywords: tuple[str, ...] = field(default_factory=tuple)
     punctuate: bool = False
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    silent: bool = False
 
     def validate(self, max_new_tokens_limit: int, languages: tuple[str, ...] = ASR_LANGUAGES) -> None:
         if self.task not in TASKS:
@@ -101,12 +106,28 @@ def parse_keywords(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
+def check_plain_text(tokenizer, instruction: str) -> None:
+    """RequestError if the request's text would be read as one of the tokenizer's special or added
+    tokens (`<|audio|>`, `<|end_of_text|>`, role markers...): request text is never a control token.
+
+    The instruction is fixed model-card text around the caller's KEYWORDS, so only they can
+    bring one in; tokenizing the instruction alone finds any, whatever the tokenizer's list.
+    """
+    added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+    ids = tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    found = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in added})
+    if found:
+        raise RequestError(f"KEYWORDS may not contain the model's special tokens, found: {', '.join(found)}")
+
+
 def build_prompt_ids(tokenizer, request: SpeechRequest, num_audio_tokens: int) -> list[int]:
     """Token ids of the chat prompt with the audio placeholder expanded to `num_audio_tokens`.
 
     The checkpoint's own chat template renders the user turn, so the prompt is exactly the one
     the model was trained with (`USER: <|audio|>{instruction}\\n ASSISTANT:` for 4.1-2b).
+    RequestError if the request's text holds a special token (`check_plain_text`).
     """
+    check_plain_text(tokenizer, request.instruction())
     chat = [{"role": "user", "content": AUDIO_PLACEHOLDER + request.instruction()}]
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     text = text.replace(AUDIO_PLACEHOLDER, AUDIO_PLACEHOLDER * num_audio_tokens)

@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from granite_speech_triton.model.decoder import DecodeItem, PromptedDecoder, Transcript, load_prompted_decoder
 from granite_speech_triton.model.prompts import SpeechRequest
 from granite_speech_triton.serving.triton_io import (
+    Answered,
     BatchAdapter,
     Counter,
     optional_text,
@@ -31,9 +32,11 @@ class TritonPythonModel(BatchAdapter):
         warmup = SpeechRequest(max_new_tokens=WARMUP_NEW_TOKENS)
         self.predict([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
 
-    def decode(self, request) -> DecodeItem:
+    def decode(self, request) -> DecodeItem | Answered:
         options = SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}"))
         options.validate(self.max_new_tokens_limit)
+        if options.silent:  # digital silence: an empty transcript, and no place in the decoder batch
+            return Answered(Transcript("", []))
         return self.decoder.prepare(options, sequence_input(request, "AUDIO_EMBEDS"))
 
     def predict(self, items: list[DecodeItem]) -> list[Transcript]:
