@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,35 @@ def call(client, model: str, name: str, value: np.ndarray, output: str) -> np.nd
     tensor = grpcclient.InferInput(name, [1, *value.shape], "FP32")
     tensor.set_data_from_numpy(value[None].astype(np.float32))
     return client.infer(model, [tensor]).as_numpy(output)[0]
+
+
+@pytest.mark.server
+def test_a_request_failing_in_the_forward_pass_fails_alone(ar_server, ar):
+    """A projector input of the wrong width (only a direct call can send one: the ensemble never
+    does) passes decode but breaks the batched forward pass. The batch is split until the failing
+    request stands alone: only it gets the error, INTERNAL as for any failure past decode, and
+    its batch-mates get their solo outputs."""
+    cfg, _ = ar
+    rng = np.random.default_rng(3)
+    goods = [rng.standard_normal((frames, cfg.encoder.hidden_dim)).astype(np.float32) for frames in (30, 45, 15, 60)]
+    bad = np.zeros((30, cfg.encoder.hidden_dim + 1), np.float32)
+    wave = [goods[0], goods[1], bad, goods[2], goods[3]]
+
+    def one(value: np.ndarray):
+        client = grpcclient.InferenceServerClient(ar_server.grpc_url)
+        try:
+            return call(client, "ar_qformer_projector", "HIDDEN", value, "AUDIO_EMBEDS")
+        except grpcclient.InferenceServerException as exc:
+            return exc
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(len(wave)) as pool:
+        results = list(pool.map(one, wave))
+    assert isinstance(results[2], grpcclient.InferenceServerException)
+    assert results[2].status() == "StatusCode.INTERNAL" and "internal error" in results[2].message()
+    for result, good in zip(results[:2] + results[3:], goods, strict=True):
+        np.testing.assert_allclose(result, one(good), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.server

@@ -6,12 +6,21 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from audio_samples import mixed_lengths
-from bad_inputs import BAD_REQUESTS, GOOD
+from bad_inputs import AR_ONLY_BAD, BAD_REQUESTS, GOOD, NOT_UTF8
 from reference import CARD_INSTRUCTIONS, reference_generate
-from triton_helpers import batch_counts, infer, infer_concurrently, metric
+from triton_helpers import (
+    assert_each_got_its_own_answer,
+    batch_counts,
+    infer,
+    infer_concurrently,
+    interleave,
+    metric,
+    split_batches,
+)
 
 pytestmark = pytest.mark.server
 MODEL = "granite_speech"
+AR_MODELS = ("ar_feature_extractor", "ar_conformer_encoder", "ar_qformer_projector", "ar_llm_decoder")
 NEW_TOKENS = 24
 
 # (ensemble options, the card instruction the reference uses)
@@ -74,24 +83,55 @@ def test_default_options_and_keywords_match_reference(ar_server, tiny_ar_checkpo
     assert ids == reference_generate(tiny_ar_checkpoint, audio, instruction, 16)
 
 
-def test_bad_requests_fail_clearly_without_hurting_batch_mates(ar_server, audios):
-    good = [(audio, {"MAX_NEW_TOKENS": ("INT32", 12)}) for audio in audios[:5]]
+def test_a_wave_of_bad_and_good_requests_gives_each_its_own_answer(ar_server, audios):
+    """Every kind of bad request, sent together with good ones of every task: each good request
+    gets exactly its solo tokens, each bad one INVALID_ARG with its own message, and no batch
+    had to be split to isolate a failure (nobody was served one at a time)."""
+    good = [(audio, {**TASKS[i % 4][0], "MAX_NEW_TOKENS": ("INT32", 12)}) for i, audio in enumerate(audios)]
     alone = [infer(ar_server.grpc_url, MODEL, audio, **opts) for audio, opts in good]
-    mixed = [item for pair in zip(good, BAD_REQUESTS[:5], strict=True) for item in pair] + BAD_REQUESTS[5:]
-    results = infer_concurrently(ar_server.grpc_url, MODEL, [(a, o) for a, o, *_ in mixed])
-    good_results = [r for item, r in zip(mixed, results, strict=True) if len(item) == 2]
-    assert good_results == alone
-    for item, result in zip(mixed, results, strict=True):
-        if len(item) == 3:
-            assert isinstance(result, grpcclient.InferenceServerException), f"{item[2]!r} was accepted"
-            assert item[2] in result.message(), result.message()
+    wave = interleave(good, BAD_REQUESTS + NOT_UTF8 + AR_ONLY_BAD)
+    split_before = split_batches(ar_server.metrics_url, AR_MODELS)
+    results = infer_concurrently(ar_server.grpc_url, MODEL, [(a, o) for a, o, *_ in wave])
+    assert_each_got_its_own_answer(wave, results, alone)
+    assert split_batches(ar_server.metrics_url, AR_MODELS) == split_before
     client = grpcclient.InferenceServerClient(ar_server.grpc_url)
     assert client.is_server_live() and client.is_model_ready(MODEL)
 
 
-def test_three_dimensional_audio_is_rejected_by_shape(ar_server):
+def test_digital_silence_is_an_empty_result_without_running_the_llm(ar_server, tiny_ar_checkpoint, audios):
+    """All-zero audio of any length and with any task answers empty TEXT and TOKEN_IDS. Greedy
+    decoding emits at least one token (end-of-text if nothing else), so an empty TOKEN_IDS means
+    the LLM never ran for it. Near-silence (one sample, or faint noise) is decoded like any audio."""
+    faint = (1e-4 * np.random.default_rng(5).standard_normal(24_000)).astype(np.float32)
+    one_sample = np.zeros(16_000, np.float32)
+    one_sample[8_000] = 1e-3
+    silent = [np.zeros(n, np.float32) for n in (1_600, 16_000, 160_000)]
+    tokens = ("INT32", NEW_TOKENS)
+    requests = [
+        (silent[0], {"MAX_NEW_TOKENS": tokens}),
+        (audios[2], {"MAX_NEW_TOKENS": tokens}),
+        (silent[1], {**TASKS[2][0], "MAX_NEW_TOKENS": tokens}),
+        (faint, {"MAX_NEW_TOKENS": tokens}),
+        (silent[2], {"KEYWORDS": ("BYTES", "Granite")}),
+        (one_sample, {"MAX_NEW_TOKENS": tokens}),
+    ]
+    results = infer_concurrently(ar_server.grpc_url, MODEL, requests)
+    assert results[0] == results[2] == results[4] == ("", [])
+    for index in (1, 3, 5):
+        want = reference_generate(tiny_ar_checkpoint, requests[index][0], CARD_INSTRUCTIONS["asr"], NEW_TOKENS)
+        assert results[index][1] == want and len(want) > 0
+
+
+def test_audio_of_the_wrong_rank_is_refused_by_shape(ar_server):
+    """AUDIO must be [1, samples]: Triton reads a rank-1 [samples] tensor as `samples` requests
+    (the README and the ensemble config say so; the client refuses to send one)."""
     with pytest.raises(grpcclient.InferenceServerException, match="AUDIO"):
         infer(ar_server.grpc_url, MODEL, GOOD[None, None])
+    rank_one = grpcclient.InferInput("AUDIO", [GOOD.shape[0]], "FP32")
+    rank_one.set_data_from_numpy(GOOD)
+    client = grpcclient.InferenceServerClient(ar_server.grpc_url)
+    with pytest.raises(grpcclient.InferenceServerException, match="batch-size must be <= 16"):
+        client.infer(MODEL, [rank_one])
 
 
 def test_custom_metrics_count_audio_tokens_and_rejections(ar_server):

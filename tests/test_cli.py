@@ -79,13 +79,22 @@ def test_exit_codes_per_failure_class(ar_server, files):
         (("transcribe", files["one"], "--variant", "nar", "--server", ar_server.grpc_url), 4, "granite_speech_nar"),
         (("transcribe", files["corrupt"], *server), 5, "not a readable audio file"),
         (("transcribe", files["one"].with_name("missing.wav"), *server), 5, "no such file"),
-        (("transcribe", files["silent"], *server), 6, "AUDIO is silent (every sample is zero)"),
-        (("transcribe", files["one"], files["silent"], files["corrupt"], *server), 1, "AUDIO is silent"),
+        (("transcribe", files["one"], "--max-new-tokens", "1000", *server[:2]), 6, "MAX_NEW_TOKENS must be in 1..256"),
+        (("transcribe", files["one"], files["silent"], files["corrupt"], *server), 1, "not a readable audio file"),
     ]
     for args, code, message in cases:
         done = cli(*args)
         assert done.returncode == code, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
+
+
+def test_silent_file_is_an_empty_result(ar_server, files):
+    plain = cli("transcribe", files["silent"], "--server", ar_server.grpc_url)
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, "\n", "")
+    as_json = cli("transcribe", files["silent"], files["one"], "--server", ar_server.grpc_url, "--json")
+    silent, spoken = (json.loads(line) for line in as_json.stdout.splitlines())
+    assert as_json.returncode == 0, as_json.stderr
+    assert silent["ok"] and (silent["text"], silent["token_ids"]) == ("", []) and spoken["token_ids"]
 
 
 def test_partial_failure_reports_each_file(ar_server, files):

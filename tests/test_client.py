@@ -234,17 +234,25 @@ def test_all_zero_pieces_are_not_sent(grpc_client, speech):
     result = client.transcribe(audio, sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS)
     assert [p.skipped for p in result.pieces] == [False, True, False]
     assert result.pieces[1].token_ids == () and len(result.token_ids) == 2 * NEW_TOKENS
-    with pytest.raises(AudioInputError, match="silent"):
-        client.transcribe(np.zeros(90 * SAMPLE_RATE, np.float32), sample_rate=SAMPLE_RATE)
+    silent = client.transcribe(np.zeros(90 * SAMPLE_RATE, np.float32), sample_rate=SAMPLE_RATE)
+    assert (silent.text, silent.token_ids) == ("", ()) and all(p.skipped for p in silent.pieces)
+
+
+@pytest.mark.server
+def test_digital_silence_is_an_empty_result(client):
+    """Sent to the server, which answers all-zero audio with empty text instead of an error."""
+    result = client.transcribe(np.zeros(SAMPLE_RATE, np.float32), sample_rate=SAMPLE_RATE)
+    assert (result.text, result.token_ids, result.pieces) == ("", (), ())
+    assert result.audio_seconds == 1.0
 
 
 @pytest.mark.server
 def test_server_rejections_are_passed_through(client):
-    with pytest.raises(ServerRejectedError, match=r"AUDIO is silent \(every sample is zero\)") as silent:
-        client.transcribe(np.zeros(SAMPLE_RATE, np.float32), sample_rate=SAMPLE_RATE)
-    assert silent.value.status in ("StatusCode.INVALID_ARGUMENT", "400")
-    with pytest.raises(ServerRejectedError, match=r"MAX_NEW_TOKENS must be in 1\.\.256"):
+    with pytest.raises(ServerRejectedError, match=r"MAX_NEW_TOKENS must be in 1\.\.256") as rejected:
         client.transcribe(np.ones(SAMPLE_RATE, np.float32) * 0.1, sample_rate=SAMPLE_RATE, max_new_tokens=1000)
+    assert rejected.value.status in ("StatusCode.INVALID_ARGUMENT", "400")
+    with pytest.raises(ServerRejectedError, match=r"KEYWORDS may not contain the model's special tokens"):
+        client.transcribe(np.ones(SAMPLE_RATE, np.float32) * 0.1, sample_rate=SAMPLE_RATE, keywords="<|audio|>")
 
 
 @pytest.mark.server
@@ -299,6 +307,15 @@ def test_unreadable_inputs_fail_on_the_client(tmp_path):
         client.transcribe(np.zeros(0, np.float32), sample_rate=SAMPLE_RATE)
     with pytest.raises(AudioInputError, match="shape"):
         client.transcribe(np.zeros((2, 2, 2), np.float32), sample_rate=SAMPLE_RATE)
+
+
+def test_audio_is_sent_as_one_row():
+    """AUDIO goes out as [1, samples]; anything else is refused before it is sent."""
+    audio = np.ones(SAMPLE_RATE, np.float32)
+    assert request_inputs(audio, RequestOptions()).get("AUDIO").shape == (1, SAMPLE_RATE)
+    for bad in (np.ones((2, SAMPLE_RATE), np.float32), np.ones((1, SAMPLE_RATE), np.float32), np.zeros(0, np.float32)):
+        with pytest.raises(AudioInputError, match=r"AUDIO must be one non-empty mono waveform, sent as \[1, samples\]"):
+            request_inputs(bad, RequestOptions())
 
 
 def test_nar_requests_carry_only_the_nar_inputs():

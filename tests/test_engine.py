@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import ARDecoder, load_ar_decoder
-from granite_speech_triton.model.engine import EngineConfig, Finish, Policy, Scheduler, Sequence
+from granite_speech_triton.model.engine import EngineConfig, Finish, Overloaded, Policy, Scheduler, Sequence
 from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.kv_cache import KVLayout, KVPool
 from granite_speech_triton.model.projector import num_audio_tokens
@@ -240,3 +240,25 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(tiny_ar_chec
     assert seq.finish is Finish.ERROR and broken.finish is Finish.ERROR
     again = decoder.sequence(SpeechRequest(max_new_tokens=5), audio_rows(tiny_ar_checkpoint, 30, 0))
     assert engine.generate([again])[0] == reference_tokens(tiny_ar_checkpoint, again)
+
+
+def test_a_full_queue_refuses_and_a_long_wait_drops_with_overloaded(tiny_ar_checkpoint):
+    decoder = decoder_for(tiny_ar_checkpoint, max_rows=1, max_waiting=2, max_wait_s=10.0)
+    engine = decoder.engine
+    clock = FakeClock()
+    engine.clock = clock
+    options = SpeechRequest(max_new_tokens=30)
+    seqs = [decoder.sequence(options, audio_rows(tiny_ar_checkpoint, 30, i)) for i in range(4)]
+    engine.submit(seqs[0])
+    engine.step()  # seqs[0] takes the only row
+    engine.submit(seqs[1])
+    engine.submit(seqs[2])
+    with pytest.raises(Overloaded, match="queue is full"):
+        engine.submit(seqs[3])
+    clock.now += 11
+    engine.step()
+    assert seqs[1].finish is Finish.OVERLOADED and seqs[2].finish is Finish.OVERLOADED
+    assert "queue_timeout_us" in seqs[1].message and seqs[0].finish is None
+    while not engine.idle:
+        engine.step()
+    assert seqs[0].tokens == reference_tokens(tiny_ar_checkpoint, seqs[0])

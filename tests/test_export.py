@@ -320,7 +320,7 @@ def test_libtorch_template_matches_its_module(ar_export, nar_export, name):
             assert all(d in (-1, s) for d, s in zip(spec.dims, shape, strict=True)), (spec.name, shape)
 
 
-@pytest.mark.parametrize(("ensemble", "variant"), [("granite_speech", "ar"), ("granite_speech_nar", "nar")])
+@pytest.mark.parametrize(("ensemble", "variant"), [("ar_encode", "ar"), ("granite_speech_nar", "nar")])
 def test_libtorch_ensembles_keep_the_client_contract(ar_export, nar_export, ensemble, variant):
     values = {**DeploySettings().template_values(), "model_name": ensemble}
     parse = lambda path: text_format.Parse(fill(path, values), mc.ModelConfig())  # noqa: E731

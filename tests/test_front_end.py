@@ -12,6 +12,7 @@ from granite_speech_triton.model.audio import (
     LogMelFrontEnd,
     ar_encoder_length,
     check_waveform,
+    is_silent,
     nar_encoder_length,
 )
 from granite_speech_triton.model.errors import RequestError
@@ -56,7 +57,6 @@ def test_the_two_rules_differ_by_one_frame_when_counts_are_odd():
     [
         (np.zeros(0, np.float32), 16_000, "empty"),
         (np.ones(MIN_SAMPLES - 1, np.float32) * 0.1, 16_000, "too short"),
-        (np.zeros(16_000, np.float32), 16_000, "silent"),
         (np.full(16_000, np.nan, np.float32), 16_000, "NaN"),
         (np.ones((2, 16_000), np.float32) * 0.1, 16_000, "mono"),
         (np.ones(16_000, np.float32) * 1000, 16_000, "integer PCM"),
@@ -72,3 +72,11 @@ def test_bad_waveforms_are_rejected_with_a_reason(audio, rate, message):
 def test_good_waveform_passes_unchanged():
     audio = (np.random.default_rng(0).standard_normal(8_000) * 0.1).astype(np.float32)
     assert torch.equal(check_waveform(audio, 16_000, 32_000), torch.from_numpy(audio))
+
+
+def test_digital_silence_is_valid_and_marked_near_silence_is_not():
+    silence = check_waveform(np.zeros(16_000, np.float32), 16_000, 32_000)
+    assert is_silent(silence)
+    faint = np.zeros(16_000, np.float32)
+    faint[123] = -1e-7
+    assert not is_silent(check_waveform(faint, 16_000, 32_000))

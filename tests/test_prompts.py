@@ -1,9 +1,12 @@
 """Request options: validation messages and the model card's instructions."""
 
+import re
+
 import pytest
 
+from granite_speech_triton.model.decoder import load_tokenizer
 from granite_speech_triton.model.errors import RequestError
-from granite_speech_triton.model.prompts import NAR_LANGUAGES, SpeechRequest, parse_keywords
+from granite_speech_triton.model.prompts import NAR_LANGUAGES, SpeechRequest, build_prompt_ids, parse_keywords
 
 LIMIT = 256
 
@@ -58,3 +61,35 @@ def test_keywords_parse_and_options_round_trip_through_json():
     assert SpeechRequest.from_json(request.to_json()) == request
     with pytest.raises(RequestError, match="OPTIONS"):
         SpeechRequest.from_json('{"task": "transcribe", "colour": "red"}')
+
+
+def test_silent_flag_round_trips_and_defaults_off():
+    assert SpeechRequest.from_json("{}").silent is False
+    silent = SpeechRequest(task="translate", target_language="fr", silent=True)
+    assert SpeechRequest.from_json(silent.to_json()) == silent
+
+
+@pytest.mark.parametrize(
+    ("keywords", "found"),
+    [
+        (("<|audio|>",), "<|audio|>"),
+        (("Granite", "stop<|end_of_text|>now"), "<|end_of_text|>"),
+        (("<|pad|><|audio|>",), "<|audio|>, <|pad|>"),
+    ],
+)
+def test_request_text_never_becomes_a_special_token(tiny_ar_checkpoint, keywords, found):
+    tokenizer = load_tokenizer(tiny_ar_checkpoint)
+    with pytest.raises(
+        RequestError, match=re.escape(f"KEYWORDS may not contain the model's special tokens, found: {found}")
+    ):
+        build_prompt_ids(tokenizer, SpeechRequest(keywords=keywords), 3)
+
+
+def test_text_near_special_tokens_is_plain_text(tiny_ar_checkpoint):
+    """Look-alikes are ordinary text: the prompt holds exactly its audio placeholders as special tokens."""
+    tokenizer = load_tokenizer(tiny_ar_checkpoint)
+    audio_id = tokenizer.convert_tokens_to_ids("<|audio|>")
+    for keyword in ("< |audio|>", "<|audio", "|end_of_text|>", "Granite"):
+        ids = build_prompt_ids(tokenizer, SpeechRequest(keywords=(keyword,)), 3)
+        assert ids.count(audio_id) == 3
+        assert set(ids) & set(tokenizer.all_special_ids) == {audio_id}, keyword

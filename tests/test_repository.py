@@ -82,3 +82,19 @@ def test_unknown_and_invalid_settings_are_rejected():
         DeploySettings(scheduler="continuous")
     with pytest.raises(ValueError, match="kv_tokens_per_row"):
         DeploySettings(kv_tokens_per_row=-1)
+
+
+def test_every_component_bounds_its_queue_and_rejects_on_timeout(tmp_path: Path):
+    settings = DeploySettings(max_queue_size=7, queue_timeout_us=1234)
+    models, _ = render(tmp_path, settings, ("ar", "nar"))
+    for config in models.glob("*/config.pbtxt"):
+        if config.parent.name == STREAMING["ar"]:
+            continue  # decoupled and unbatched: it waits on ar_encode and the engine, whose queues are bounded
+        batching = config.read_text().split("dynamic_batching {")[1].split("\n}\n")[0]
+        policy = " ".join(batching.split())
+        assert (
+            "default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 1234 max_queue_size: 7 }"
+        ) in policy, config.parent.name
+    assert DeploySettings().max_queue_size > DeploySettings().max_batch_size  # a full batch can wait by default
+    with pytest.raises(ValueError, match="max_queue_size must be 0"):
+        DeploySettings(max_queue_size=-1)

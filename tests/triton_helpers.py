@@ -80,3 +80,25 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
         if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
             return float(value)
     raise KeyError(f"{name} with {labels} is not exported")
+
+
+def interleave(good: list, bad: list) -> list:
+    """good[0], bad[0], good[1], bad[1], ... then the rest of the longer list."""
+    mixed = [item for pair in zip(good, bad, strict=False) for item in pair]
+    return mixed + good[len(bad) :] + bad[len(good) :]
+
+
+def assert_each_got_its_own_answer(wave: list[tuple], results: list, alone: list) -> None:
+    """Good requests (audio, options) got exactly `alone`, in order; bad ones (audio, options,
+    message part) got INVALID_ARG carrying their own message part."""
+    assert [r for item, r in zip(wave, results, strict=True) if len(item) == 2] == alone
+    for item, result in zip(wave, results, strict=True):
+        if len(item) == 3:
+            assert isinstance(result, grpcclient.InferenceServerException), f"{item[2]!r} was accepted"
+            assert item[2] in result.message(), (item[2], result.message())
+            assert result.status() == "StatusCode.INVALID_ARGUMENT", (item[2], result.status())
+
+
+def split_batches(metrics_url: str, models: tuple[str, ...]) -> dict[str, float]:
+    """How many batches each model had to split to isolate a failing request."""
+    return {model: metric(metrics_url, "granite_speech_split_batches_total", model=model) for model in models}

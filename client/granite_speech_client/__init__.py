@@ -14,6 +14,7 @@ from .errors import (
     InvalidRequestError,
     ModelNotReadyError,
     RequestTimeoutError,
+    ServerOverloadedError,
     ServerRejectedError,
     ServerUnreachableError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ModelNotReadyError",
     "Piece",
     "RequestTimeoutError",
+    "ServerOverloadedError",
     "ServerRejectedError",
     "ServerUnreachableError",
     "SpeechResult",

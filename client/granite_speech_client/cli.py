@@ -14,6 +14,7 @@ Exit codes:
   5  bad input file (missing, unreadable, unsupported format)
   6  server rejected the request (its message is printed)
   7  request timed out
+  8  server overloaded (UNAVAILABLE: a queue stayed full through the retries)
 When every file fails for the same reason, the exit code is that reason's.
 """
 
@@ -227,7 +228,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--server", default=None, help="host:port (default localhost:8001 grpc, localhost:8000 http)")
     group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     group.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per-request timeout (default 300)")
-    group.add_argument("--retries", type=int, default=2, help="retries after connection failures (default 2)")
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="retries after connection failures or overload, backoff doubling (default 2)",
+    )
 
 
 def add_file_arguments(parser: argparse.ArgumentParser) -> None:

@@ -208,9 +208,7 @@ class GraniteSpeechClient:
             text, token_ids = self._infer(waveform, options)
             return SpeechResult(text, token_ids, options.variant, options.task, seconds, time.perf_counter() - started)
         pieces = tuple(self._piece(waveform, span, options) for span in split_points(waveform, limit))
-        sent = [p for p in pieces if not p.skipped]
-        if not sent:
-            raise AudioInputError("audio is silent (every sample is zero)")
+        sent = [p for p in pieces if not p.skipped]  # none when every sample is zero: an empty result
         text = " ".join(p.text.strip() for p in sent if p.text.strip())
         token_ids = tuple(t for p in sent for t in p.token_ids)
         latency = sum(p.latency_s for p in sent)
@@ -219,7 +217,7 @@ class GraniteSpeechClient:
     def _piece(self, waveform: np.ndarray, span: Span, options: RequestOptions) -> Piece:
         start_s, end_s = span.seconds
         samples = waveform[span.start : span.end]
-        if is_digital_silence(samples):
+        if is_digital_silence(samples):  # the server would answer it with empty text
             return Piece(start_s, end_s, "", (), 0.0, skipped=True)
         started = time.perf_counter()
         text, token_ids = self._infer(samples, options)
@@ -293,13 +291,27 @@ class GraniteSpeechClient:
         return results
 
 
+def audio_input(waveform: np.ndarray) -> np.ndarray:
+    """The AUDIO tensor of one request: [1, samples] float32, the only shape the ensembles take.
+
+    A rank-1 [samples] tensor would be read by Triton as `samples` requests of one sample each
+    and refused with a confusing "batch-size must be <= 16", so anything but one non-empty mono
+    waveform is refused here, before it is sent.
+    """
+    if waveform.ndim != 1 or waveform.shape[0] == 0:
+        raise AudioInputError(
+            f"AUDIO must be one non-empty mono waveform, sent as [1, samples]; got shape {list(waveform.shape)}"
+        )
+    return waveform[None].astype(np.float32, copy=False)
+
+
 def request_inputs(waveform: np.ndarray, options: RequestOptions, timeout_s: float) -> dict[str, np.ndarray]:
     """The ensemble's inputs; optional ones only when they differ from the server's defaults.
 
     AR requests carry the client's timeout, so that the server stops decoding a request the client
     no longer waits for.
     """
-    inputs = {"AUDIO": waveform.reshape(1, -1).astype(np.float32, copy=False)}  # [1, samples]
+    inputs = {"AUDIO": audio_input(waveform)}  # [1, samples]
     texts = {
         "TASK": options.task if options.task != "transcribe" else None,
         "LANGUAGE": options.language if options.language != "en" else None,

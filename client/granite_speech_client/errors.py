@@ -51,3 +51,10 @@ class RequestTimeoutError(GraniteSpeechError, TimeoutError):
     """The server did not answer within `timeout_s`."""
 
     exit_code = 7
+
+
+class ServerOverloadedError(GraniteSpeechError):
+    """The server answered UNAVAILABLE (a model's queue was full or its queue timeout expired) on
+    every attempt; try later, or with more `retries`."""
+
+    exit_code = 8

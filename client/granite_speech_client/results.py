@@ -17,7 +17,7 @@ class Piece:
     text: str
     token_ids: tuple[int, ...]
     latency_s: float
-    skipped: bool = False  # digital silence: not sent (the server rejects all-zero audio)
+    skipped: bool = False  # digital silence: not sent (the server would answer empty text)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """One connection to Triton over gRPC or HTTP, with tritonclient's errors turned into ours.
 
 tritonclient's clients are not thread safe, so `TransportPool` keeps one per thread.
-Retries happen here, and only for connection failures (UNAVAILABLE, refused, reset).
+Retries happen here, with exponential backoff, and only for UNAVAILABLE: connection failures
+(refused, reset) and an overloaded server (a model's queue full or timed out). INVALID_ARG and
+every other answer are final.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import (
     GraniteSpeechError,
     ModelNotReadyError,
     RequestTimeoutError,
+    ServerOverloadedError,
     ServerRejectedError,
     ServerUnreachableError,
 )
@@ -31,6 +34,9 @@ DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 NOT_READY_HINTS = ("unknown model", "not ready", "no available versions")
 TIMEOUT_STATUSES = ("StatusCode.DEADLINE_EXCEEDED", "504", "408")
 UNAVAILABLE_STATUSES = ("StatusCode.UNAVAILABLE", "502", "503")
+# Triton's messages when a model's queue policy rejects a request (max_queue_size, queue timeout).
+OVERLOAD_HINTS = ("exceeds maximum queue size", "request timeout expired")
+RETRIED = (ServerUnreachableError, ServerOverloadedError)
 
 T = TypeVar("T")
 
@@ -43,7 +49,7 @@ class ConnectionSettings:
     protocol: str = "grpc"
     timeout_s: float = 300.0  # per request (each piece of a split file is one request)
     connect_timeout_s: float = 10.0
-    retries: int = 2  # extra attempts after a connection failure
+    retries: int = 2  # extra attempts after an UNAVAILABLE answer (connection failure or overload)
     retry_backoff_s: float = 0.5  # first wait between attempts; doubles each time
 
 
@@ -64,6 +70,8 @@ def translate_error(exc: BaseException, settings: ConnectionSettings) -> Granite
             return ModelNotReadyError(f"{where}: {message}")
         if status in TIMEOUT_STATUSES:
             return RequestTimeoutError(f"{where} did not answer within {settings.timeout_s:g} s: {message}")
+        if status in UNAVAILABLE_STATUSES and any(hint in message.lower() for hint in OVERLOAD_HINTS):
+            return ServerOverloadedError(f"{where} is overloaded: {message}")
         if status in UNAVAILABLE_STATUSES:
             return ServerUnreachableError(f"{where} is unreachable: {message}")
         return ServerRejectedError(message, status)
@@ -88,7 +96,7 @@ class Transport:
             )
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a tritonclient method, retrying connection failures with exponential backoff."""
+        """Call a tritonclient method, retrying UNAVAILABLE answers with exponential backoff."""
         if self.is_grpc:
             kwargs["client_timeout"] = self.settings.timeout_s
         fn: Callable[..., Any] = getattr(self._client, method)
@@ -99,7 +107,7 @@ class Transport:
                 error = translate_error(exc, self.settings)
                 if error is None:
                     raise
-                if not isinstance(error, ServerUnreachableError) or attempt == self.settings.retries:
+                if not isinstance(error, RETRIED) or attempt == self.settings.retries:
                     raise error from exc
             time.sleep(self.settings.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # the loop returns or raises

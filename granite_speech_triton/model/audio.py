@@ -128,7 +128,7 @@ def check_waveform(audio: np.ndarray, sample_rate: int, max_samples: int) -> tor
     """Validate one request's waveform and return it as a float32 tensor [samples].
 
     Raises RequestError naming the problem: wrong rate or rank, empty, too short or too long,
-    non-finite samples, digital silence, or integer-scaled samples.
+    non-finite samples, or integer-scaled samples. Digital silence is valid (see `is_silent`).
     """
     if sample_rate != SAMPLE_RATE:
         raise RequestError(f"SAMPLE_RATE {sample_rate} Hz is not supported; resample to {SAMPLE_RATE} Hz")
@@ -147,8 +147,12 @@ def check_waveform(audio: np.ndarray, sample_rate: int, max_samples: int) -> tor
     if not np.isfinite(audio).all():
         raise RequestError("AUDIO contains NaN or infinite samples")
     peak = float(np.abs(audio).max())
-    if peak == 0.0:
-        raise RequestError("AUDIO is silent (every sample is zero)")
     if peak > MAX_PEAK:
         raise RequestError(f"AUDIO peak {peak:g} is far outside [-1, 1]: send float samples, not integer PCM values")
     return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+
+
+def is_silent(audio: torch.Tensor) -> bool:
+    """Digital silence: every sample is exactly zero. Its transcript is empty, without a model run;
+    near-silence (any non-zero sample, however faint) is transcribed like any audio."""
+    return not bool(audio.any())

@@ -50,6 +50,7 @@ class Finish(str, Enum):
     LENGTH = "length"  # reached its max_new_tokens
     CANCELLED = "cancelled"
     DEADLINE = "deadline"
+    OVERLOADED = "overloaded"  # waited longer than max_wait_s for a row
     ERROR = "error"
 
 
@@ -61,6 +62,8 @@ class EngineConfig:
     max_tokens_per_row: int = 4096  # prompt + new tokens one request may hold
     prefill_token_budget: int = 2048  # prompt tokens per packed prefill forward
     policy: Policy = Policy.INFLIGHT
+    max_waiting: int = 0  # requests waiting for a row; more are refused (0: no bound)
+    max_wait_s: float = 0.0  # longest wait for a row before the request is dropped (0: no bound)
 
     def __post_init__(self) -> None:
         if min(self.max_rows, self.max_tokens_per_row, self.prefill_token_budget) < 1:
@@ -95,6 +98,10 @@ class Sequence:
     @property
     def positions_needed(self) -> int:
         return self.prompt_length + self.max_new_tokens
+
+
+class Overloaded(Exception):
+    """The engine's queue is full: the caller should come back later."""
 
 
 class Scheduler:
@@ -224,8 +231,14 @@ class DecodeEngine:
             )
 
     def submit(self, seq: Sequence) -> None:
-        """Queue a request (any thread); it joins at the next step boundary."""
+        """Queue a request (any thread); it joins at the next step boundary.
+
+        Overloaded when `max_waiting` requests already wait for a row.
+        """
         self.check(seq)
+        waiting = len(self.scheduler.waiting) + self.inbox.qsize()  # read from another thread: a close estimate
+        if self.config.max_waiting and waiting >= self.config.max_waiting:
+            raise Overloaded(f"the decoding engine's queue is full ({self.config.max_waiting} requests wait for a row)")
         seq.submitted_at = self.clock()
         self.inbox.put(seq)
         self.wake.set()
@@ -311,7 +324,10 @@ class DecodeEngine:
             self._cancel_polled_at = now
         expired = []
         for seq in self._all():
-            if seq.deadline is not None and now > seq.deadline:
+            if seq.row < 0 and self.config.max_wait_s and now - seq.submitted_at > self.config.max_wait_s:
+                seq.message = f"waited {now - seq.submitted_at:.1f} s for a decoding row (queue_timeout_us)"
+                expired.append((seq, Finish.OVERLOADED))
+            elif seq.deadline is not None and now > seq.deadline:
                 seq.message = f"deadline exceeded (TIMEOUT_MS) after {len(seq.tokens)} generated tokens"
                 expired.append((seq, Finish.DEADLINE))
             elif poll and seq.is_cancelled is not None and seq.is_cancelled():

@@ -38,7 +38,11 @@ MAX_TIMEOUT_MS = 3_600_000  # one hour
 
 @dataclass(frozen=True)
 class SpeechRequest:
-    """What the caller asked for; `validate` raises RequestError naming the bad field."""
+    """What the caller asked for; `validate` raises RequestError naming the bad field.
+
+    `silent` is not the caller's: the first pipeline step sets it when every audio sample is zero,
+    and the steps that generate text answer such a request with an empty transcript at once.
+    """
 
     task: str = "transcribe"
     language: str = "en"
@@ -48,6 +52,7 @@ class SpeechRequest:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     timeout_ms: int = 0  # 0: no deadline
     deadline: float = 0.0  # time.time() after which the decoder drops the request (set on arrival)
+    silent: bool = False
 
     def started(self, now: float) -> SpeechRequest:
         """This request with its deadline fixed from `timeout_ms`, counted from `now`."""
@@ -110,12 +115,28 @@ def parse_keywords(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
+def check_plain_text(tokenizer, instruction: str) -> None:
+    """RequestError if the request's text would be read as one of the tokenizer's special or added
+    tokens (`<|audio|>`, `<|end_of_text|>`, role markers...): request text is never a control token.
+
+    The instruction is fixed model-card text around the caller's KEYWORDS, so only they can
+    bring one in; tokenizing the instruction alone finds any, whatever the tokenizer's list.
+    """
+    added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+    ids = tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    found = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in added})
+    if found:
+        raise RequestError(f"KEYWORDS may not contain the model's special tokens, found: {', '.join(found)}")
+
+
 def build_prompt_ids(tokenizer, request: SpeechRequest, num_audio_tokens: int) -> list[int]:
     """Token ids of the chat prompt with the audio placeholder expanded to `num_audio_tokens`.
 
     The checkpoint's own chat template renders the user turn, so the prompt is exactly the one
     the model was trained with (`USER: <|audio|>{instruction}\\n ASSISTANT:` for 4.1-2b).
+    RequestError if the request's text holds a special token (`check_plain_text`).
     """
+    check_plain_text(tokenizer, request.instruction())
     chat = [{"role": "user", "content": AUDIO_PLACEHOLDER + request.instruction()}]
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     text = text.replace(AUDIO_PLACEHOLDER, AUDIO_PLACEHOLDER * num_audio_tokens)

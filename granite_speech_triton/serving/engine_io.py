@@ -20,7 +20,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.decoder import ARDecoder
-from granite_speech_triton.model.engine import Finish, Sequence, StepReport
+from granite_speech_triton.model.engine import Finish, Overloaded, Sequence, StepReport
 from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.prompts import SpeechRequest
 
@@ -32,6 +32,14 @@ ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SECONDS_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 RATE_WINDOW_S = 5.0  # generated tokens per second are averaged over this window
 INCOMPLETE_CHARACTER = "\ufffd"  # how a multi-byte character cut by the end of a partial text decodes
+
+
+ERROR_CODES = {
+    Finish.CANCELLED: "CANCELLED",
+    Finish.DEADLINE: "CANCELLED",
+    Finish.OVERLOADED: "UNAVAILABLE",
+    Finish.ERROR: "INTERNAL",
+}
 
 
 class EngineMetrics:
@@ -125,6 +133,9 @@ class EngineFrontend:
                 return
             options = SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}"))
             options.validate(self.max_new_tokens_limit)
+            if options.silent:  # digital silence: an empty transcript, without running the model
+                sender.send(self._response("", [], final=True), flags=FINAL)
+                return
             delivery = Delivery(sender)
             seq = self.decoder.sequence(
                 options,
@@ -139,6 +150,9 @@ class EngineFrontend:
         except RequestError as exc:
             self.metrics.rejected.add(1)
             send_final(sender, error=tagged_error(str(exc), "INVALID_ARG"))
+        except Overloaded as exc:
+            self.metrics.ended[Finish.OVERLOADED.value].add(1)
+            send_final(sender, error=tagged_error(str(exc), "UNAVAILABLE"))
 
     @staticmethod
     def _control(request) -> dict:
@@ -158,8 +172,7 @@ class EngineFrontend:
             delivery.sender.send(self._response(self.decoder.text(seq.tokens), seq.tokens, final=True), flags=FINAL)
         else:
             self.metrics.on_end(seq)
-            code = "INTERNAL" if seq.finish is Finish.ERROR else "CANCELLED"
-            send_final(delivery.sender, error=tagged_error(seq.message, code))
+            send_final(delivery.sender, error=tagged_error(seq.message, ERROR_CODES[seq.finish]))
 
     def _partial(self, delivery: Delivery, seq: Sequence) -> None:
         """The text so far, without a multi-byte character that the next token may complete."""

@@ -38,6 +38,10 @@ class DeploySettings:
     max_batch_size: int = 16  # requests per dynamic batch, every component
     instance_count: int = 1  # model instances per component
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
+    # Overload: each component rejects a request with UNAVAILABLE when max_queue_size requests are
+    # already waiting, or when it has waited queue_timeout_us (0 = unbounded / no timeout).
+    max_queue_size: int = 64  # requests waiting per component (4 batches of 16)
+    queue_timeout_us: int = 30_000_000  # 30 s in one component's queue
     max_audio_seconds: float = 120.0  # longer audio is rejected (the client splits it)
     max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
     pack_token_budget: int = 4096  # NAR head: tokens per packed sequence (dense mask cost grows as its square)
@@ -58,6 +62,9 @@ class DeploySettings:
         for name in (*positive, "prefill_token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("max_queue_size", "queue_timeout_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (no bound) or positive")
         if self.max_audio_seconds <= 0:
             raise ValueError("max_audio_seconds must be positive")
         if self.kv_tokens_per_row < 0:

@@ -1,9 +1,16 @@
 """Helpers shared by the `model.py` adapters; imported only inside Triton's Python backend.
 
 Every adapter follows one shape (decode -> validate -> predict -> encode):
-`decode` turns one request into a model input and raises `RequestError` on bad input; `predict`
-runs the whole batch of valid inputs at once; `encode` turns one output into a response. A bad
-request gets an error response naming the problem and never disturbs its batch-mates.
+`decode` turns one request into a model input and checks it; `predict` runs the whole batch of
+valid inputs at once; `encode` turns one output into a response. `BatchAdapter.execute` makes the
+error guarantees hold by construction, whatever an adapter's code raises:
+- any exception in `decode` is that request's INVALID_ARG (its content is at fault) and nobody
+  else's; `decode` may also answer a request itself (`Answered`, e.g. digital silence);
+- if `predict` raises, the batch is split in halves until the failing requests stand alone, so
+  their batch-mates are still served exactly (batch invariance); a lone failure is INVALID_ARG
+  for `RequestError`, INTERNAL otherwise;
+- an `encode` failure is that one request's INTERNAL error.
+No exception escapes `execute`: Triton would fail the whole batch with it.
 """
 
 from __future__ import annotations
@@ -55,17 +62,31 @@ def single_item(request, name: str) -> np.ndarray | None:
     return array[0]
 
 
-def optional_text(request, name: str, default: str) -> str:
+def optional_scalar(request, name: str) -> Any:
+    """The one element of a [1, 1] input, or None if absent; RequestError unless there is exactly one."""
     value = single_item(request, name)
     if value is None:
+        return None
+    if value.size != 1:
+        raise RequestError(f"{name} must hold one value, got shape {[1, *value.shape]}")
+    return value.reshape(-1)[0]
+
+
+def optional_text(request, name: str, default: str) -> str:
+    item = optional_scalar(request, name)
+    if item is None:
         return default
-    item = value.reshape(-1)[0]
-    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    if not isinstance(item, bytes):
+        return str(item)
+    try:
+        return item.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{name} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def optional_number(request, name: str, default: Any) -> Any:
-    value = single_item(request, name)
-    return default if value is None else value.reshape(-1)[0].item()
+    item = optional_scalar(request, name)
+    return default if item is None else item.item()
 
 
 def request_options(request) -> SpeechRequest:
@@ -99,6 +120,34 @@ def error_response(message: str, invalid_request: bool = True) -> pb_utils.Infer
     """An error response: INVALID_ARG for the caller's mistakes, INTERNAL otherwise."""
     code = pb_utils.TritonError.INVALID_ARG if invalid_request else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def invalid_request_response(exc: Exception) -> pb_utils.InferenceResponse:
+    """INVALID_ARG for an exception raised while reading or checking one request.
+
+    A RequestError carries its own message for the caller; any other exception there is a check
+    we lack, so it is logged with its traceback and passed on with its type.
+    """
+    if isinstance(exc, RequestError):
+        return error_response(str(exc))
+    log.warning("request rejected by an unexpected %s", type(exc).__name__, exc_info=exc)
+    return error_response(f"invalid request: {type(exc).__name__}: {exc}")
+
+
+def failure_response(exc: Exception) -> pb_utils.InferenceResponse:
+    """The response of a request that failed alone in predict or encode."""
+    if isinstance(exc, RequestError):
+        return error_response(str(exc))
+    log.error("request failed", exc_info=exc)
+    return error_response(f"internal error: {type(exc).__name__}: {exc}", invalid_request=False)
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What `decode` returns for a request it answers without `predict` (e.g. digital silence):
+    `output` goes straight to `encode`, and the request takes no place in the batch."""
+
+    output: Any
 
 
 class Counter:
@@ -155,6 +204,7 @@ class BatchAdapter:
 
     batch_fill: Counter | None = None
     rejected: Counter | None = None
+    split_batches: Counter | None = None
 
     def setup(self, args: dict[str, str]) -> StageSettings:
         """Parameters, device and dtype; torch threads configured; batch metrics exported."""
@@ -167,6 +217,9 @@ class BatchAdapter:
             "granite_speech_batch_requests", "Requests in the most recent batch executed", model, gauge=True
         )
         self.rejected = Counter("granite_speech_rejected_requests_total", "Requests rejected as invalid", model)
+        self.split_batches = Counter(
+            "granite_speech_split_batches_total", "Batches whose predict raised and were split to isolate it", model
+        )
 
     def decode(self, request) -> Any:
         raise NotImplementedError
@@ -180,14 +233,21 @@ class BatchAdapter:
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         valid: list[tuple[int, Any]] = []
+        rejected = 0
         for index, request in enumerate(requests):
             try:
-                valid.append((index, self.decode(request)))
-            except RequestError as exc:
-                responses[index] = error_response(str(exc))
+                item = self.decode(request)
+            except Exception as exc:  # whatever the type: this request's content is at fault
+                responses[index] = invalid_request_response(exc)
+                rejected += 1
+                continue
+            if isinstance(item, Answered):
+                responses[index] = self._encode_isolated(item.output)
+            else:
+                valid.append((index, item))
         if self.batch_fill is not None:
             self.batch_fill.set(len(requests))
-            self.rejected.add(len(requests) - len(valid))
+            self.rejected.add(rejected)
         if valid:
             outputs = self._predict_isolating_failures([item for _, item in valid])
             for (index, _), response in zip(valid, outputs, strict=True):
@@ -195,14 +255,21 @@ class BatchAdapter:
         return responses
 
     def _predict_isolating_failures(self, inputs: list[Any]) -> list:
-        """Run the batch; if it fails, rerun one by one so only the culprit gets the error."""
+        """Predict the batch; if that raises, split it in halves until each failure stands alone."""
         try:
-            return [self.encode(output) for output in self.predict(inputs)]
-        except RequestError as exc:
-            if len(inputs) == 1:
-                return [error_response(str(exc))]
+            outputs = self.predict(inputs)
         except Exception as exc:  # never let an exception escape execute
-            log.exception("batch of %d failed", len(inputs))
             if len(inputs) == 1:
-                return [error_response(f"internal error: {type(exc).__name__}: {exc}", invalid_request=False)]
-        return [response for item in inputs for response in self._predict_isolating_failures([item])]
+                return [failure_response(exc)]
+            log.warning("batch of %d failed; splitting it to isolate the failure", len(inputs), exc_info=exc)
+            if self.split_batches is not None:
+                self.split_batches.add(1)
+            half = len(inputs) // 2
+            return self._predict_isolating_failures(inputs[:half]) + self._predict_isolating_failures(inputs[half:])
+        return [self._encode_isolated(output) for output in outputs]
+
+    def _encode_isolated(self, output: Any) -> pb_utils.InferenceResponse:
+        try:
+            return self.encode(output)
+        except Exception as exc:  # one output that cannot be encoded fails only its own request
+            return failure_response(exc)

@@ -4,16 +4,25 @@ Validates the waveform and the request options, then computes stacked log-mel fe
 Options leave this step as one canonical OPTIONS string with every default filled in, so the
 later steps always receive the same set of inputs and Triton can batch any requests together
 (its dynamic batcher never mixes requests that carry different sets of optional inputs).
+Digital silence is marked there (`silent`): the text steps answer it empty without a model run.
 Parameters: variant (ar | nar), device, max_audio_seconds, max_new_tokens_limit, cpu_threads.
 """
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontEnd, audio_rows, check_waveform
+from granite_speech_triton.model.audio import (
+    SAMPLE_RATE,
+    Framing,
+    LogMelFrontEnd,
+    audio_rows,
+    check_waveform,
+    is_silent,
+)
 from granite_speech_triton.model.prompts import ASR_LANGUAGES, NAR_LANGUAGES, SpeechRequest
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -47,7 +56,7 @@ class TritonPythonModel(BatchAdapter):
         options = request_options(request)
         options.validate(self.max_new_tokens_limit, self.languages)
         self.audio_seconds.add(audio.shape[0] / SAMPLE_RATE)
-        return audio, options.started(time.time())
+        return audio, replace(options.started(time.time()), silent=is_silent(audio))
 
     def predict(self, batch: list[tuple[torch.Tensor, SpeechRequest]]) -> list[tuple[torch.Tensor, str]]:
         return [(self.front_end(audio), options.to_json()) for audio, options in batch]

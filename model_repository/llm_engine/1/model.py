@@ -2,7 +2,8 @@
 
 `execute` hands each request to the engine and returns at once; the engine's thread answers.
 Parameters: checkpoint, revision, device, dtype, max_new_tokens_limit, max_audio_seconds,
-scheduler, max_decode_rows, kv_tokens_per_row, prefill_token_budget, cpu_threads.
+scheduler, max_decode_rows, kv_tokens_per_row, prefill_token_budget, max_queue_size,
+queue_timeout_us, cpu_threads.
 """
 
 from granite_speech_triton.model.decoder import load_ar_decoder, positions_per_request
@@ -25,6 +26,8 @@ def engine_config(stage: StageSettings) -> EngineConfig:
         max_tokens_per_row=tokens,
         prefill_token_budget=int(params["prefill_token_budget"]),
         policy=params["scheduler"],
+        max_waiting=int(params["max_queue_size"]),
+        max_wait_s=int(params["queue_timeout_us"]) / 1e6,
     )
 
 

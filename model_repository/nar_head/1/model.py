@@ -9,9 +9,12 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.decoder import load_tokenizer
 from granite_speech_triton.model.nar import load_nar_config, load_nar_language_model
+from granite_speech_triton.model.prompts import SpeechRequest
 from granite_speech_triton.serving.triton_io import (
+    Answered,
     BatchAdapter,
     Counter,
+    optional_text,
     sequence_input,
     single_item,
     tensor_output,
@@ -31,7 +34,9 @@ class TritonPythonModel(BatchAdapter):
         self.pack_budget = int(stage.params["pack_token_budget"])
         self.predict([(torch.randn(WARMUP_ROWS, cfg.text["hidden_size"]), [1, 2, 3])])
 
-    def decode(self, request) -> tuple[torch.Tensor, list[int]]:
+    def decode(self, request) -> tuple[torch.Tensor, list[int]] | Answered:
+        if SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}")).silent:
+            return Answered([])  # digital silence: no transcript, and no place in the packed batch
         draft = single_item(request, "DRAFT_IDS")
         # The libtorch NAR encoder pads DRAFT_IDS with -1 to one slot per frame.
         return sequence_input(request, "AUDIO_EMBEDS"), [] if draft is None else draft[draft >= 0].tolist()
