@@ -21,6 +21,16 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("python", "libtorch")
 SCHEDULERS = ("inflight", "static")
+CHOICES = {"device": DEVICES, "dtype": DTYPES, "scheduler": SCHEDULERS, "backend": BACKENDS}
+POSITIVE = (
+    "max_batch_size",
+    "instance_count",
+    "max_new_tokens_limit",
+    "pack_token_budget",
+    "max_decode_rows",
+    "prefill_token_budget",
+)
+ZERO_MEANS_NONE = ("max_queue_size", "queue_timeout_us", "kv_tokens_per_row")
 # Served from `granite-speech-triton export` TorchScript when backend=libtorch. nar_head stays on the
 # Python backend (it detokenises); export.py also writes a standalone libtorch nar_head.
 LIBTORCH_MODELS = ("ar_conformer_encoder", "ar_qformer_projector", "nar_conformer_encoder", "nar_qformer_projector")
@@ -54,25 +64,17 @@ class DeploySettings:
     libtorch_dir: str = ""  # backend=libtorch: the `granite-speech-triton export --out` folder
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        positive = ("max_batch_size", "instance_count", "max_new_tokens_limit", "pack_token_budget", "max_decode_rows")
-        for name in (*positive, "prefill_token_budget"):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in POSITIVE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_queue_size", "queue_timeout_us"):
+        for name in ZERO_MEANS_NONE:
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 (no bound) or positive")
+                raise ValueError(f"{name} must be 0 (no bound, or derived) or positive")
         if self.max_audio_seconds <= 0:
             raise ValueError("max_audio_seconds must be positive")
-        if self.kv_tokens_per_row < 0:
-            raise ValueError("kv_tokens_per_row must be 0 (derived) or positive")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "libtorch" and not self.libtorch_dir:
             raise ValueError("backend=libtorch needs libtorch_dir, the folder `granite-speech-triton export` wrote")
 
