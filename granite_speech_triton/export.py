@@ -51,10 +51,10 @@ from torch import Tensor, nn
 from .model import encoder as encoder_module
 from .model.audio import FEATURE_DIM
 from .model.config import ARModelConfig, read_config_json
+from .model.draft import CHAR_CTC_BLANK, posterior_weighted_pool
 from .model.encoder import ConformerEncoder, encode_batch, frame_mask, load_encoder
 from .model.errors import CheckpointError
 from .model.nar import (
-    CHAR_CTC_BLANK,
     PACK_TOKEN_BUDGET,
     NAREncoder,
     NARLanguageModel,
@@ -64,7 +64,6 @@ from .model.nar import (
     load_nar_encoder,
     load_nar_language_model,
     load_nar_projector,
-    posterior_weighted_pool,
 )
 from .model.projector import QFormerProjector, load_projector, num_audio_tokens
 from .model.weights import DTYPES, parse_dtype, resolve_checkpoint

@@ -16,6 +16,7 @@ from transformers.models.granite_speech.modeling_granite_speech import GraniteSp
 from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import CheckpointError
 from granite_speech_triton.model.ctc import ctc_collapse, ctc_collapse_segments
+from granite_speech_triton.model.draft import posterior_weighted_pool
 from granite_speech_triton.model.nar import (
     NARModel,
     NARModelConfig,
@@ -25,7 +26,6 @@ from granite_speech_triton.model.nar import (
     load_nar_config,
     load_nar_model,
     pack_groups,
-    posterior_weighted_pool,
 )
 from granite_speech_triton.model.weights import read_tensors
 from granite_speech_triton.tiny import make_tiny_nar_checkpoint

@@ -18,11 +18,13 @@ from .errors import (
     ServerRejectedError,
     ServerUnreachableError,
 )
-from .options import ASR_LANGUAGES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS
+from .options import ASR_LANGUAGES, DECODE_MODES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS, Decoding
 from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
 
 __all__ = [
     "ASR_LANGUAGES",
+    "DECODE_MODES",
+    "Decoding",
     "NAR_LANGUAGES",
     "SAMPLE_RATE",
     "TASKS",

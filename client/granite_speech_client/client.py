@@ -12,7 +12,16 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, AudioSource, Span, is_digital_silence, load_audio, split_points
 from .errors import AudioInputError, GraniteSpeechError, InvalidRequestError, ModelNotReadyError
-from .options import ENSEMBLES, FEATURE_EXTRACTORS, MAX_TIMEOUT_MS, VARIANTS, RequestOptions, parse_keywords
+from .options import (
+    ENSEMBLES,
+    FEATURE_EXTRACTORS,
+    MAX_TIMEOUT_MS,
+    VARIANTS,
+    Decoding,
+    RequestOptions,
+    as_decoding,
+    parse_keywords,
+)
 from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
 from .streaming import stream
 from .transport import ConnectionSettings, TransportPool, normalize_url
@@ -62,11 +71,14 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> SpeechResult:
-        """Speech -> text in `language`. keywords, punctuate and max_new_tokens are AR only."""
+        """Speech -> text in `language`. keywords, punctuate, max_new_tokens and decoding (a Decoding,
+        or a mode name: greedy, beam, cascade, speculative) are AR only."""
         options = RequestOptions(
-            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
-        )
+            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
+            as_decoding(decoding),
+        )  # fmt: skip
         return self._run(audio, options, sample_rate)
 
     def translate(
@@ -79,9 +91,12 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> SpeechResult:
         """Speech in `language` -> text in `target_language` (AR only; one side English)."""
-        options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
+        options = RequestOptions(
+            variant, "translate", language, target_language, (), punctuate, max_new_tokens, as_decoding(decoding)
+        )
         return self._run(audio, options, sample_rate)
 
     def transcribe_many(
@@ -96,6 +111,7 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> list[ItemResult]:
         """Transcribe many inputs concurrently, at most `max_in_flight` at a time.
 
@@ -104,8 +120,9 @@ class GraniteSpeechClient:
         Bad options raise InvalidRequestError before anything is sent.
         """
         options = RequestOptions(
-            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
-        )
+            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
+            as_decoding(decoding),
+        )  # fmt: skip
         return self._many(list(items), options, sample_rate, max_in_flight, on_result)
 
     def translate_many(
@@ -120,9 +137,12 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> list[ItemResult]:
         """`translate` for many inputs; see `transcribe_many`."""
-        options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
+        options = RequestOptions(
+            variant, "translate", language, target_language, (), punctuate, max_new_tokens, as_decoding(decoding)
+        )
         return self._many(list(items), options, sample_rate, max_in_flight, on_result)
 
     def transcribe_stream(
@@ -134,12 +154,14 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> Iterator[StreamUpdate]:
         """`transcribe` (AR) yielding the growing text as the server generates it; the last update
         is final. Stopping the iteration early cancels the request on the server (gRPC)."""
         options = RequestOptions(
-            "ar", "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
-        )
+            "ar", "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
+            as_decoding(decoding),
+        )  # fmt: skip
         return self._stream(audio, options, sample_rate)
 
     def translate_stream(
@@ -151,9 +173,12 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> Iterator[StreamUpdate]:
         """`translate` yielding the growing text; see `transcribe_stream`."""
-        options = RequestOptions("ar", "translate", language, target_language, (), punctuate, max_new_tokens)
+        options = RequestOptions(
+            "ar", "translate", language, target_language, (), punctuate, max_new_tokens, as_decoding(decoding)
+        )
         return self._stream(audio, options, sample_rate)
 
     def max_audio_seconds(self, variant: str = "ar") -> float:
@@ -325,8 +350,22 @@ def request_inputs(waveform: np.ndarray, options: RequestOptions, timeout_s: flo
         inputs["PUNCTUATE"] = np.array([[True]])
     if options.max_new_tokens is not None:
         inputs["MAX_NEW_TOKENS"] = np.array([[options.max_new_tokens]], dtype=np.int32)
+    inputs.update(decoding_inputs(options.decoding))
     if options.variant == "ar":
         inputs["TIMEOUT_MS"] = np.array([[min(int(timeout_s * 1000), MAX_TIMEOUT_MS)]], dtype=np.int32)
+    return inputs
+
+
+def decoding_inputs(decoding: Decoding) -> dict[str, np.ndarray]:
+    """DECODE_MODE, NUM_BEAMS, CONFIDENCE, ENTROPY_GATE: those that are not the server's defaults."""
+    inputs = {}
+    if decoding.mode != "greedy":
+        inputs["DECODE_MODE"] = np.array([[decoding.mode.encode()]], dtype=np.object_)
+    if decoding.num_beams is not None:
+        inputs["NUM_BEAMS"] = np.array([[decoding.num_beams]], dtype=np.int32)
+    for name, value in (("CONFIDENCE", decoding.confidence), ("ENTROPY_GATE", decoding.entropy_gate)):
+        if value is not None:
+            inputs[name] = np.array([[value]], dtype=np.float32)
     return inputs
 
 

@@ -24,13 +24,12 @@ from transformers.masking_utils import create_bidirectional_mask, packed_sequenc
 
 from .config import EncoderConfig, known_fields, read_config_json
 from .ctc import ctc_collapse_segments
-from .encoder import ConformerEncoder, frame_mask
+from .draft import CHAR_CTC_BLANK, pooled_rows
+from .encoder import ConformerEncoder
 from .errors import CheckpointError
 from .projector import split_windows
 from .weights import load_into, read_tensors
 
-CHAR_CTC_BLANK = 0  # blank label of the encoder's character CTC head (`out`)
-POOLING_EPS = 1e-8  # keeps an all-blank window's weights finite
 PACK_TOKEN_BUDGET = 4096  # tokens per packed LLM sequence: dense masks attend over budget^2 pairs
 
 
@@ -138,26 +137,6 @@ class NARModelConfig:
 # Stage 1: encoder + BPE draft
 
 
-def posterior_weighted_pool(
-    hidden: torch.Tensor, keep_prob: torch.Tensor, lengths: torch.Tensor, window: int
-) -> torch.Tensor:
-    """Pool windows of `window` frames, weighting each frame by its normalised non-blank probability.
-
-    hidden [B, T, D], keep_prob [B, T] (1 - blank probability), lengths [B] -> [B, ceil(T / window), D].
-    Frames past an utterance's length weigh nothing and read as zeros, exactly like the zero-padded
-    tail of that utterance alone.
-    """
-    bsz, num_frames, dim = hidden.shape
-    mask = frame_mask(lengths, num_frames)  # [B, T]
-    keep_prob = keep_prob.masked_fill(~mask, 0.0)
-    hidden = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
-    pad = -num_frames % window
-    hidden = F.pad(hidden, (0, 0, 0, pad)).view(bsz, -1, window, dim)  # [B, P, W, D]
-    keep_prob = F.pad(keep_prob, (0, pad)).view(bsz, -1, window)  # [B, P, W]
-    weights = keep_prob / (keep_prob.sum(dim=-1, keepdim=True) + POOLING_EPS)
-    return (hidden * weights.unsqueeze(-1)).sum(dim=2)  # [B, P, D]
-
-
 @dataclass
 class NAREncoderOutput:
     """Per utterance: the projector's input and the greedy BPE CTC draft (LLM token ids)."""
@@ -186,12 +165,8 @@ class NAREncoder(ConformerEncoder):
 
     def draft(self, hidden: torch.Tensor, blank_prob: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """hidden [B, T, D], blank_prob [B, T] -> greedy BPE CTC ids per utterance."""
-        window = self.cfg.bpe_pooling_window
-        pooled = posterior_weighted_pool(hidden.float(), 1.0 - blank_prob, lengths, window).to(hidden.dtype)
-        pooled_lengths = (lengths + window - 1) // window  # [B] = ceil(length / window)
-        rows = pooled[frame_mask(pooled_lengths, pooled.shape[1])]  # [sum P_i, D]: padding never hits out_bpe
-        ids = self.out_bpe(rows).argmax(dim=-1)  # [sum P_i]
-        return ctc_collapse_segments(ids, pooled_lengths.tolist(), self.blank)
+        rows, pooled_lengths = pooled_rows(hidden, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window)
+        return ctc_collapse_segments(self.out_bpe(rows).argmax(dim=-1), pooled_lengths, self.blank)
 
 
 # ---------------------------------------------------------------------------------------------

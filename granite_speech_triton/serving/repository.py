@@ -91,6 +91,8 @@ class DeploySettings:
     def template_values(self) -> dict[str, str]:
         values = {k: str(v) for k, v in asdict(self).items()}
         values["instance_kind"] = "KIND_GPU" if self.device == "cuda" else "KIND_CPU"
+        # the exported (libtorch) AR encoder makes no CTC draft
+        values["ar_draft_outputs"] = "" if self.backend == "libtorch" else "DRAFT_IDS,DRAFT_ENTROPY"
         return values
 
 

@@ -1,6 +1,7 @@
 """Triton adapter: stacked log-mel features -> Conformer encoder outputs (contract in config.pbtxt).
 
-variant ar:  FEATURES -> HIDDEN (final layer).
+variant ar:  FEATURES -> HIDDEN (final layer), DRAFT_IDS and DRAFT_ENTROPY (BPE CTC draft of out_llm;
+             empty when the checkpoint has no out_llm.safetensors).
 variant nar: FEATURES -> PROJECTOR_INPUT (layers [4, 8, 12, -1]) and DRAFT_IDS (BPE CTC draft).
 Parameters: variant, checkpoint, revision, device, dtype, cpu_threads.
 """
@@ -13,7 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch, run_in_length_groups
+from granite_speech_triton.model.draft import Draft, ar_drafts, load_draft_head
+from granite_speech_triton.model.encoder import load_encoder, pad_batch, run_in_length_groups
 from granite_speech_triton.model.nar import load_nar_config, load_nar_encoder
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -22,12 +24,30 @@ from granite_speech_triton.serving.triton_io import (
 )
 
 WARMUP_FRAMES = 250  # 5 s of audio: crosses an attention block boundary
+NO_DRAFT = Draft([], 0.0)
 Outputs = dict[str, torch.Tensor | np.ndarray]
 
 
 def ar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
-    encoder = load_encoder(checkpoint, ARModelConfig.from_dict(read_config_json(checkpoint)).encoder, device, dtype)
-    return lambda features: [{"HIDDEN": h} for h in encode_batch(encoder, features)]
+    cfg = ARModelConfig.from_dict(read_config_json(checkpoint)).encoder
+    encoder = load_encoder(checkpoint, cfg, device, dtype)
+    head = load_draft_head(checkpoint, cfg, device, dtype)
+
+    def run(features: list[torch.Tensor]) -> list[Outputs]:
+        padded, lengths = pad_batch([f.to(device, dtype) for f in features])
+        with torch.inference_mode():
+            out = encoder(padded, lengths, keep_hidden_states=head is not None)
+            drafts = ar_drafts(encoder, head, out, lengths) if head is not None else [NO_DRAFT] * len(features)
+        return [
+            {
+                "HIDDEN": out.last_hidden_state[i, :n],
+                "DRAFT_IDS": np.array(draft.ids, dtype=np.int32),
+                "DRAFT_ENTROPY": np.array([draft.max_entropy], dtype=np.float32),
+            }
+            for i, (n, draft) in enumerate(zip(lengths.tolist(), drafts, strict=True))
+        ]
+
+    return lambda features: run_in_length_groups(features, run)
 
 
 def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
@@ -61,7 +81,7 @@ class TritonPythonModel(BatchAdapter):
 
     def encode(self, outputs: Outputs):
         tensors = [
-            tensor_output(name, value, np.float32 if name != "DRAFT_IDS" else np.int32)
+            tensor_output(name, value, np.int32 if name == "DRAFT_IDS" else np.float32)
             for name, value in outputs.items()
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
