@@ -312,10 +312,10 @@ def test_unreadable_inputs_fail_on_the_client(tmp_path):
 def test_audio_is_sent_as_one_row():
     """AUDIO goes out as [1, samples]; anything else is refused before it is sent."""
     audio = np.ones(SAMPLE_RATE, np.float32)
-    assert request_inputs(audio, RequestOptions()).get("AUDIO").shape == (1, SAMPLE_RATE)
+    assert request_inputs(audio, RequestOptions(), 30.0).get("AUDIO").shape == (1, SAMPLE_RATE)
     for bad in (np.ones((2, SAMPLE_RATE), np.float32), np.ones((1, SAMPLE_RATE), np.float32), np.zeros(0, np.float32)):
         with pytest.raises(AudioInputError, match=r"AUDIO must be one non-empty mono waveform, sent as \[1, samples\]"):
-            request_inputs(bad, RequestOptions())
+            request_inputs(bad, RequestOptions(), 30.0)
 
 
 def test_nar_requests_carry_only_the_nar_inputs():
