@@ -24,10 +24,10 @@ from transformers.masking_utils import create_bidirectional_mask, packed_sequenc
 
 from .config import EncoderConfig, known_fields, read_config_json
 from .ctc import ctc_collapse_segments
-from .encoder import ConformerEncoder, frame_mask
+from .encoder import ConformerEncoder, frame_mask, pad_batch, run_in_length_groups
 from .errors import CheckpointError
 from .projector import split_windows
-from .weights import load_into, read_tensors
+from .weights import load_module
 
 CHAR_CTC_BLANK = 0  # blank label of the encoder's character CTC head (`out`)
 POOLING_EPS = 1e-8  # keeps an all-blank window's weights finite
@@ -54,6 +54,10 @@ class NARProjectorConfig:
     @property
     def num_queries(self) -> int:
         return self.block_size // self.downsample_rate
+
+    def rows(self, encoder_frames: int) -> int:
+        """Audio rows the NAR head gets for `encoder_frames`: one per `downsample_rate` frames."""
+        return encoder_frames // self.downsample_rate
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NARProjectorConfig:
@@ -184,6 +188,16 @@ class NAREncoder(ConformerEncoder):
         stacked = torch.cat([out.hidden_states[i] for i in self.layer_indices], dim=-1)  # [B, T, 4*D]
         return NAREncoderOutput([stacked[b, :n] for b, n in enumerate(lengths.tolist())], drafts)
 
+    def encode_utterances(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+        """[T_i, 160] per utterance -> (projector input [T_i, L*D], draft ids) per utterance, batch-invariant;
+        utterances of similar length share a forward."""
+
+        def run(group: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+            out = self.encode(*pad_batch(group))
+            return list(zip(out.projector_inputs, out.drafts, strict=True))
+
+        return run_in_length_groups(features, run)
+
     def draft(self, hidden: torch.Tensor, blank_prob: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """hidden [B, T, D], blank_prob [B, T] -> greedy BPE CTC ids per utterance."""
         window = self.cfg.bpe_pooling_window
@@ -297,7 +311,7 @@ class NARProjector(nn.Module):
         per_utterance = [split_windows(h, cfg.block_size) for h in x.split([u.shape[0] for u in utterances])]
         rows = self.summarise_windows(torch.cat(per_utterance))  # [N, Q, D_llm], N = sum ceil(T_i / block)
         rows = rows.split([w.shape[0] for w in per_utterance])
-        keep = [u.shape[0] // cfg.downsample_rate for u in utterances]
+        keep = [cfg.rows(u.shape[0]) for u in utterances]
         return [r.reshape(-1, cfg.llm_dim)[:n] for r, n in zip(rows, keep, strict=True)]
 
 
@@ -485,21 +499,15 @@ def load_nar_encoder(
     checkpoint: Path, cfg: NARModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> NAREncoder:
     """The encoder stage with the checkpoint's `encoder.*` tensors (older BPE head converted)."""
-    tensors = read_tensors(Path(checkpoint), "encoder.")
-    if cfg.legacy_bpe_head:
-        tensors = convert_legacy_bpe_head(tensors, cfg)
-    encoder = NAREncoder(cfg)
-    load_into(encoder, tensors, "encoder.")
-    return encoder.to(device=device, dtype=dtype).eval()
+    convert = (lambda tensors: convert_legacy_bpe_head(tensors, cfg)) if cfg.legacy_bpe_head else None
+    return load_module(lambda: NAREncoder(cfg), checkpoint, "encoder.", device, dtype, convert)
 
 
 def load_nar_projector(
     checkpoint: Path, cfg: NARModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> NARProjector:
     """The projector stage with the checkpoint's `projector.*` tensors."""
-    projector = NARProjector(cfg.projector, cfg.audio_divisor)
-    load_into(projector, read_tensors(Path(checkpoint), "projector."), "projector.")
-    return projector.to(device=device, dtype=dtype).eval()
+    return load_module(lambda: NARProjector(cfg.projector, cfg.audio_divisor), checkpoint, "projector.", device, dtype)
 
 
 def load_nar_language_model(
@@ -509,11 +517,8 @@ def load_nar_language_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
 ) -> NARLanguageModel:
-    """The LLM head stage with the checkpoint's `language_model.model.*` tensors."""
-    prefix = "language_model.model."
-    language_model = NARLanguageModel(cfg, attn_implementation)
-    load_into(language_model.model, read_tensors(Path(checkpoint), prefix), prefix)
-    return language_model.to(device=device, dtype=dtype).eval()
+    """The LLM head stage with the checkpoint's `language_model.model.*` tensors (its only ones: tied head)."""
+    return load_module(lambda: NARLanguageModel(cfg, attn_implementation), checkpoint, "language_model.", device, dtype)
 
 
 def load_nar_model(
