@@ -29,7 +29,7 @@ class TritonPythonModel(BatchAdapter):
         self.tokens = Counter("granite_speech_generated_tokens_total", "Tokens generated", args["model_name"])
         hidden = self.decoder.decoder.llm.config.hidden_size
         warmup = SpeechRequest(max_new_tokens=WARMUP_NEW_TOKENS)
-        self.predict([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
+        self.run([self.decoder.prepare(warmup, torch.randn(WARMUP_AUDIO_TOKENS, hidden))])
 
     def decode(self, request) -> DecodeItem:
         options = SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}"))
