@@ -3,6 +3,9 @@
 Loading is lean: a module is built with its parameters on the meta device (no memory, no random
 init) and the checkpoint's tensors are read straight into the serving device and dtype, so a 2B
 LLM costs one copy of its weights, on the device that serves it, and no initialisation time.
+On the CPU, tensors already in the serving dtype stay mapped from the safetensors file (pages are
+read on first use and shared between processes): do not rewrite a checkpoint in place while a
+server uses it.
 """
 
 from __future__ import annotations
