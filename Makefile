@@ -12,7 +12,7 @@ LOADTEST_VARIANT ?= ar
 BENCH_VARIANTS ?= ar,nar
 BENCH_ARGS ?=
 
-.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny loadtest clean
+.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny loadtest gpu-check clean
 
 setup:  ## virtual environment with the pinned runtime dependencies and this project
 	scripts/install.sh $(VENV)
@@ -55,6 +55,13 @@ bench-tiny: setup-dev  ## the benchmark on tiny random-weight checkpoints (CPU s
 
 loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`
 	$(PY) -m loadtest.run --server 127.0.0.1:8000 --users 4 --spawn-rate 4 --run-time 20s --variant $(LOADTEST_VARIANT)
+
+# The GPU image brings its own torch: without this project's venv, the system python runs the check.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+
+gpu-check:  ## one GPU, no network: real-size checkpoints, both ensembles in cuda/bfloat16 vs in-process, RTFx at 1/32/128 -> build/gpu-check/results.json
+	$(GPU_CHECK_PY) -m granite_speech_triton.gpu_check $(GPU_CHECK_ARGS)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -3,7 +3,7 @@
     granite-speech-triton render --out build/repository --set ar_checkpoint=DIR ...
     granite-speech-triton serve  --set ar_checkpoint=DIR [--variants ar,nar]
     granite-speech-triton demo   --set ar_checkpoint=DIR --audio samples/hello.wav
-    granite-speech-triton make-tiny-checkpoint build/tiny-ar [--nar]
+    granite-speech-triton make-checkpoint build/tiny-ar [--nar] [--size tiny|reduced|real]
     granite-speech-triton export --checkpoint DIR --variant ar|nar --out build/libtorch [--device cuda --dtype bfloat16]
     granite-speech-triton bench  --tiny | --device cuda --dtype bfloat16 [--concurrency 1,8,32]
 
@@ -107,11 +107,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(options, args.audio, args.variants, Path(args.out) / "server.log")
 
 
-def cmd_make_tiny(args: argparse.Namespace) -> int:
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from . import tiny
 
-    maker = tiny.make_tiny_nar_checkpoint if args.nar else tiny.make_tiny_ar_checkpoint
-    print(maker(args.out))
+    maker = tiny.make_nar_checkpoint if args.nar else tiny.make_ar_checkpoint
+    print(maker(args.out, tiny.SIZES[args.size]))
     return 0
 
 
@@ -138,10 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend-directory", type=Path, default=None, help="Triton backends folder")
         p.set_defaults(func=func)
     sub.choices["demo"].add_argument("--audio", type=Path, default=Path("samples/granite_speech_demo.wav"))
-    tiny_p = sub.add_parser("make-tiny-checkpoint", help="write a tiny random-weight checkpoint (meaningless output)")
+    tiny_p = sub.add_parser(
+        "make-checkpoint",
+        aliases=["make-tiny-checkpoint"],
+        help="write a random-weight checkpoint in the real layout (meaningless output)",
+    )
     tiny_p.add_argument("out", type=Path)
     tiny_p.add_argument("--nar", action="store_true", help="the NAR layout instead of the AR one")
-    tiny_p.set_defaults(func=cmd_make_tiny)
+    tiny_p.add_argument(
+        "--size", choices=("tiny", "reduced", "real"), default="tiny", help="real: the 2b dimensions, ~4.5 GB bf16"
+    )
+    tiny_p.set_defaults(func=cmd_make_checkpoint)
     # Listed for --help only: `main` hands `export ...` to export.main, whose parser needs torch imported.
     sub.add_parser("export", help="TorchScript of the encoder, projectors, NAR head for Triton's PyTorch backend")
     from . import bench  # here, not at the top: bench imports this module

@@ -1,17 +1,32 @@
-"""Tiny random-weight checkpoints in the real Hugging Face layouts, for tests and smoke runs.
+"""Random-weight checkpoints in the real Hugging Face layouts: tiny ones for tests, real-size ones for GPUs.
 
-Their output is meaningless text: they exist so that loading, batching and exactness can be
-checked without the multi-gigabyte real checkpoints.
+Their output is meaningless text: they exist so that loading, batching, exactness and speed can be
+checked without the multi-gigabyte real checkpoints (or a network). Every size goes through the same
+code: a `CheckpointSize` names the dimensions, the config files and the stand-in tokenizer follow
+from it, and the weights are written in the layout of MODEL_SPEC.md (AR: transformers'
+`save_pretrained`, sharded like the hub's, plus `out_llm.safetensors`; NAR: one `model.safetensors`
+with the hub's key names).
+
+    TINY     a few hundred thousand parameters, float32, the modules' own seeded init (the tests)
+    REDUCED  tiny dimensions with the real vocabulary, token ids, dtype and sharding (tests the real path)
+    REAL     the 2b and 2b-nar dimensions: about 4.6 and 4.3 GB in bfloat16
+
+REDUCED and REAL are built on the meta device and their tensors filled in place, so no time goes into
+initialising two billion parameters that are overwritten anyway.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 EOS = "<|end_of_text|>"
@@ -36,96 +51,310 @@ CORPUS = [
     "el rápido zorro marrón salta sobre el perro perezoso",
     "USER: ASSISTANT: hello world, speech recognition and translation on a server.",
 ]
+TRAINED_TOKENS = 384  # BPE tokens learnt from CORPUS, special tokens included
+OUT_LLM_FILE = "out_llm.safetensors"  # the AR model's BPE CTC head (MODEL_SPEC.md section 3)
+ENCODER_COMMON = dict(
+    input_dim=160, feedforward_mult=4, context_size=200, max_pos_emb=512, conv_kernel_size=15, conv_expansion_factor=2
+)  # fmt: skip
+PROJECTOR_RATE = 5  # encoder frames per projector output row (both models)
+BPE_POOLING_WINDOW = 4
 
-# Added to the tiny BPE draft head's blank logit. Random rows almost never let the blank win; with
-# this bias the test tones get drafts of varying lengths with blanks between repeated tokens.
-BLANK_BIAS = 2.3
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The stand-in tokenizer's id layout.
+
+    `size` None: the special tokens at their ids, then the trained tokens, nothing else (tiny).
+    Otherwise `size` ids: special tokens at their ids (the real checkpoints'), trained tokens from 0,
+    never-produced filler tokens everywhere else, so any id a random model emits decodes.
+    """
+
+    size: int | None = None
+    pad: int = 0
+    eos: int = 1  # also bos, and the NAR blank
+    audio: int | None = 2  # None: no <|audio|> token (the NAR model's vocabulary)
+
+    def specials(self) -> dict[str, int]:
+        ids = {PAD: self.pad, EOS: self.eos}
+        return ids if self.audio is None else {**ids, AUDIO: self.audio}
 
 
-def make_tokenizer(out: Path, vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with Granite's special tokens and chat template."""
-    bpe = Tokenizer(models.BPE())
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Dimensions and generation choices of one checkpoint size (both variants)."""
+
+    name: str
+    encoder: dict[str, Any]  # encoder_config beyond ENCODER_COMMON
+    qformer: dict[str, Any]  # the AR projector_config (BLIP-2 Q-Former)
+    text: dict[str, Any]  # granite text_config beyond vocabulary and token ids
+    nar_projector: dict[str, Any]  # the NAR projector_config beyond what the encoder and LLM fix
+    nar_layer_indices: tuple[int, ...]  # encoder_layer_indices of the NAR model
+    nar_self_conditioning_layer: int
+    ar_vocabulary: Vocabulary
+    nar_vocabulary: Vocabulary
+    initializer_range: float  # std of random matrices and biases
+    blank_bias: float  # added to the CTC heads' blank logit: random heads then draft sparse, varied ids
+    dtype: torch.dtype = torch.float32
+    direct_init: bool = False  # True: meta device + tensors filled in place; False: the modules' seeded init
+    max_shard_size: str | None = None  # AR safetensors shards (None: transformers' default, one file here)
+    projector_window: int = 15  # encoder frames per projector window (window_size / block_size)
+    nar_text: dict[str, Any] = field(default_factory=dict)  # NAR text_config overrides
+
+
+TINY = CheckpointSize(
+    name="tiny",
+    encoder=dict(num_layers=4, hidden_dim=32, num_heads=4, dim_head=8, output_dim=12),
+    qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    text=dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=4096,
+        embedding_multiplier=12.0,
+        attention_multiplier=0.25,
+        residual_multiplier=1.0,
+        logits_scaling=1.0,
+    ),
+    nar_projector=dict(hidden_size=64, num_heads=4),
+    nar_layer_indices=(1, 2, 3, -1),  # the 2b-nar's [4, 8, 12, -1] scaled to 4 layers
+    nar_self_conditioning_layer=2,
+    ar_vocabulary=Vocabulary(),
+    nar_vocabulary=Vocabulary(),
+    initializer_range=0.1,
+    # Random rows almost never let the blank win; with this bias the test tones get drafts of varying
+    # lengths with blanks between repeated tokens.
+    blank_bias=2.3,
+    # Layers outweigh the (x12) input embeddings, so that the head edits the draft, not copies it.
+    nar_text=dict(residual_multiplier=5.0),
+)
+REAL = CheckpointSize(
+    name="real",
+    encoder=dict(num_layers=16, hidden_dim=1024, num_heads=8, dim_head=128, output_dim=348),
+    qformer=dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, intermediate_size=4096),
+    text=dict(
+        hidden_size=2048,
+        num_hidden_layers=40,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=4096,
+        max_position_embeddings=4096,
+        embedding_multiplier=12.0,
+        attention_multiplier=0.0078125,
+        residual_multiplier=0.22,
+        logits_scaling=8.0,
+        rms_norm_eps=1e-5,
+    ),
+    nar_projector=dict(hidden_size=2048, num_heads=32),
+    nar_layer_indices=(4, 8, 12, -1),
+    nar_self_conditioning_layer=8,
+    ar_vocabulary=Vocabulary(size=100353, pad=100256, eos=100257, audio=100352),
+    nar_vocabulary=Vocabulary(size=100352, pad=100256, eos=100257, audio=None),
+    initializer_range=0.02,
+    # Just under the typical lead of the largest of 100k random logits (std ~0.68) over the blank's: drafts
+    # of about 1 to 5 tokens per second of the synthetic speech of gpu_check (real speech: about 3).
+    blank_bias=2.57,
+    dtype=torch.bfloat16,
+    direct_init=True,
+    max_shard_size="2GB",  # three shards, as the hub's
+)
+REDUCED = replace(
+    TINY,
+    name="reduced",
+    ar_vocabulary=REAL.ar_vocabulary,
+    nar_vocabulary=REAL.nar_vocabulary,
+    blank_bias=REAL.blank_bias,
+    dtype=REAL.dtype,
+    direct_init=True,
+    max_shard_size="10MB",  # several shards, so that the index is read
+)
+SIZES = {size.name: size for size in (TINY, REDUCED, REAL)}
+
+
+# ---- tokenizer --------------------------------------------------------------------------------
+
+
+def make_tokenizer(out: Path, vocabulary: Vocabulary = Vocabulary()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Granite's special tokens (at `vocabulary`'s ids) and chat template."""
+    specials = vocabulary.specials()
+    vocab, merges = _trained_bpe(TRAINED_TOKENS - len(specials))
+    size = vocabulary.size or len(vocab) + len(specials)
+    regular = iter(i for i in range(size) if i not in specials.values())
+    ids = {token: next(regular) for token in vocab}  # trained tokens keep their order
+    ids.update({f"\u0120t{i}": i for i in regular})  # fillers: decode as " t<id>", never produced by encoding
+    ids.update(specials)
+    if len(ids) != size:
+        raise ValueError(f"vocabulary layout {vocabulary} collides with the trained tokens")
+    bpe = Tokenizer(models.BPE(vocab=ids, merges=merges))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[PAD, EOS, AUDIO],
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    bpe.add_special_tokens([AddedToken(token, special=True) for token in specials])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None, padding_side="left"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO]})
+    if vocabulary.audio is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO]})
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     return tokenizer
 
 
-def encoder_config(hidden: int = 32, layers: int = 4) -> dict:
+def _trained_bpe(vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-level BPE learnt from CORPUS: tokens in id order, merges."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = sorted(model["vocab"], key=model["vocab"].get)
+    return vocab, [tuple(pair) for pair in model["merges"]]
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+def text_config(size: CheckpointSize, vocabulary: Vocabulary, vocab_size: int, tied: bool) -> dict[str, Any]:
     return dict(
-        input_dim=160, num_layers=layers, hidden_dim=hidden, feedforward_mult=4, num_heads=4,
-        dim_head=hidden // 4, output_dim=12, context_size=200, max_pos_emb=512,
-        conv_kernel_size=15, conv_expansion_factor=2,
+        model_type="granite", **size.text, vocab_size=vocab_size, bos_token_id=vocabulary.eos,
+        eos_token_id=vocabulary.eos, pad_token_id=vocabulary.pad, tie_word_embeddings=tied,
+        initializer_range=size.initializer_range,
     )  # fmt: skip
 
 
-def text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int, hidden: int = 64, tied: bool = False) -> dict:
-    eos = tokenizer.convert_tokens_to_ids(EOS)
+def ar_config(size: CheckpointSize, vocab_size: int) -> dict[str, Any]:
+    """The granite_speech config.json values of the AR model."""
+    vocabulary = size.ar_vocabulary
     return dict(
-        model_type="granite", hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=2 * hidden, vocab_size=vocab_size,
-        max_position_embeddings=4096, embedding_multiplier=12.0, attention_multiplier=0.25,
-        residual_multiplier=1.0, logits_scaling=1.0, bos_token_id=eos, eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied, initializer_range=0.1,
-    )  # fmt: skip
-
-
-def make_tiny_ar_checkpoint(out: str | Path, seed: int = 0) -> Path:
-    """A tiny GraniteSpeechForConditionalGeneration saved with transformers' save_pretrained."""
-    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(out)
-    vocab = len(tokenizer)
-    config = GraniteSpeechConfig(
-        text_config=text_config(tokenizer, vocab),
-        encoder_config=encoder_config(),
+        text_config=text_config(size, vocabulary, vocab_size, tied=False),
+        encoder_config={**ENCODER_COMMON, **size.encoder},
         projector_config=dict(
             model_type="blip_2_qformer",
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            encoder_hidden_size=32,
+            **size.qformer,
+            encoder_hidden_size=size.encoder["hidden_dim"],
             cross_attention_frequency=1,
-        ),  # fmt: skip
-        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
+        ),
+        audio_token_index=vocabulary.audio,
         has_lora_adapter=False,
-        downsample_rate=5,
-        window_size=15,
+        downsample_rate=PROJECTOR_RATE,
+        window_size=size.projector_window,
         tie_word_embeddings=False,
-        initializer_range=0.1,
+        initializer_range=size.initializer_range,
     )
-    torch.manual_seed(seed)
-    model = GraniteSpeechForConditionalGeneration(config).eval()
-    _randomise_batch_norms(model)
-    model.save_pretrained(out)
-    return out
 
 
-def _randomise_batch_norms(model: torch.nn.Module) -> None:
+def nar_config(size: CheckpointSize, vocab_size: int) -> dict[str, Any]:
+    """The granite-speech-nar config.json of MODEL_SPEC.md section 4 (revision a1e3416e)."""
+    vocabulary = size.nar_vocabulary
+    encoder = dict(
+        ENCODER_COMMON,
+        **size.encoder,
+        self_conditioning_layer=size.nar_self_conditioning_layer,
+        bpe_output_dim=vocab_size,
+        bpe_pooling_window=BPE_POOLING_WINDOW,
+    )
+    text = {**text_config(size, vocabulary, vocab_size, tied=True), **size.nar_text}
+    projector = dict(
+        encoder_dim=encoder["hidden_dim"], num_encoder_layers=len(size.nar_layer_indices), llm_dim=text["hidden_size"],
+        num_layers=2, mlp_ratio=2, block_size=size.projector_window, downsample_rate=PROJECTOR_RATE, layernorm_eps=1e-6,
+        attn_bias=True, mlp_bias=True, dropout_prob=0.1, **size.nar_projector,
+    )  # fmt: skip
+    return dict(
+        architectures=["GraniteSpeechNarForASR"],
+        model_type="granite_speech_nar",
+        encoder_config=encoder,
+        projector_config=projector,
+        text_config=text,
+        encoder_layer_indices=list(size.nar_layer_indices),
+        scale_projected_embeddings=True,
+        blank_token_id=vocabulary.eos,
+        min_edit_sequence_length=8,
+    )
+
+
+# ---- weights ----------------------------------------------------------------------------------
+
+
+def random_model(factory: Callable[[], nn.Module], size: CheckpointSize, seed: int) -> nn.Module:
+    """`factory()` with random weights in `size.dtype`, on the CPU."""
+    if not size.direct_init:
+        torch.manual_seed(seed)
+        model = factory()
+        _randomise_batch_norms(model)
+        return model.to(size.dtype)
+    with torch.device("meta"):
+        model = factory()
+    model = model.to(size.dtype).to_empty(device="cpu")
+    with torch.no_grad():
+        fill_random(model.state_dict(), size.initializer_range, torch.Generator().manual_seed(seed))
+    return model
+
+
+def fill_random(tensors: dict[str, torch.Tensor], std: float, gen: torch.Generator) -> None:
+    """Fill every tensor in place: norm scales and variances near 1, means near 0, the rest N(0, std)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            tensor.zero_()  # BatchNorm's num_batches_tracked
+        elif name.endswith("running_var") or (tensor.dim() == 1 and name.endswith("weight")):
+            tensor.uniform_(0.5, 1.5, generator=gen)
+        elif name.endswith("running_mean"):
+            tensor.uniform_(-0.5, 0.5, generator=gen)
+        else:
+            tensor.normal_(0.0, std, generator=gen)
+
+
+def _randomise_batch_norms(model: nn.Module) -> None:
     """Give BatchNorm running statistics non-trivial values so that loading them is tested."""
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm1d):
+        if isinstance(module, nn.BatchNorm1d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
 
 
-def make_tiny_nar_checkpoint(out: str | Path, seed: int = 0, old_layout: bool = False) -> Path:
-    """A tiny granite-speech-nar checkpoint in the hub layout of MODEL_SPEC.md section 4.
+def _randomise_projector(projector: nn.Module) -> None:
+    """Learned queries, window positions and LayerNorm affines away from their trivial init."""
+    with torch.no_grad():
+        for param in (projector.query, projector.window_positions):
+            param.normal_(std=param.shape[-1] ** -0.5)
+        for module in projector.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+
+
+def write_out_llm(out: Path, size: CheckpointSize, vocab_size: int, seed: int) -> None:
+    """The AR checkpoint's BPE CTC head: Linear(encoder hidden -> vocab), label 0 = blank, label i = token i - 1."""
+    head = {
+        "weight": torch.empty(vocab_size, size.encoder["hidden_dim"], dtype=size.dtype),
+        "bias": torch.empty(vocab_size, dtype=size.dtype),
+    }
+    fill_random(head, size.initializer_range, torch.Generator().manual_seed(seed + 1))
+    head["bias"][0] += size.blank_bias
+    save_file(head, out / OUT_LLM_FILE, metadata={"format": "pt"})
+
+
+# ---- the two makers ---------------------------------------------------------------------------
+
+
+def make_ar_checkpoint(out: str | Path, size: CheckpointSize = TINY, seed: int = 0) -> Path:
+    """A GraniteSpeechForConditionalGeneration checkpoint saved with transformers' save_pretrained."""
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = len(make_tokenizer(out, size.ar_vocabulary))
+    config = GraniteSpeechConfig(**ar_config(size, vocab_size))
+    model = random_model(lambda: GraniteSpeechForConditionalGeneration(config).eval(), size, seed)
+    shards = {"max_shard_size": size.max_shard_size} if size.max_shard_size else {}
+    model.save_pretrained(out, **shards)
+    write_out_llm(out, size, vocab_size, seed)
+    return out
+
+
+def make_nar_checkpoint(out: str | Path, size: CheckpointSize = TINY, seed: int = 0, old_layout: bool = False) -> Path:
+    """A granite-speech-nar checkpoint in the hub layout of MODEL_SPEC.md section 4.
 
     `old_layout=True` writes the same weights in the older layout (revision 7d20732d): `llm_config`
     instead of `text_config` and a BPE head with one more row (label 0 = blank, label i = token i - 1).
@@ -135,61 +364,31 @@ def make_tiny_nar_checkpoint(out: str | Path, seed: int = 0, old_layout: bool = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(out)
-    vocab = len(tokenizer)
-    blank = tokenizer.convert_tokens_to_ids(EOS)
-    encoder = dict(encoder_config(), self_conditioning_layer=2, bpe_output_dim=vocab, bpe_pooling_window=4)
-    config = dict(
-        architectures=["GraniteSpeechNarForASR"],
-        model_type="granite_speech_nar",
-        encoder_config=encoder,
-        projector_config=dict(
-            encoder_dim=encoder["hidden_dim"],
-            num_encoder_layers=4,
-            hidden_size=64,
-            llm_dim=64,
-            num_heads=4,
-            num_layers=2,
-            mlp_ratio=2,
-            block_size=15,
-            downsample_rate=5,
-            layernorm_eps=1e-6,
-            attn_bias=True,
-            mlp_bias=True,
-            dropout_prob=0.1,
-        ),
-        # Layers outweigh the (x12) input embeddings, so that the head edits the draft, not copies it.
-        text_config=dict(text_config(tokenizer, vocab, tied=True), residual_multiplier=5.0),
-        encoder_layer_indices=[1, 2, 3, -1],  # the 2b-nar's [4, 8, 12, -1] scaled to 4 layers
-        scale_projected_embeddings=True,
-        blank_token_id=blank,
-        min_edit_sequence_length=8,
-    )
-    torch.manual_seed(seed)
-    model = NARModel.from_config(NARModelConfig.from_dict(config))
-    _randomise_batch_norms(model)
-    _randomise_projector(model.projector)
+    vocab_size = len(make_tokenizer(out, size.nar_vocabulary))
+    blank = size.nar_vocabulary.eos
+    config = nar_config(size, vocab_size)
+    cfg = NARModelConfig.from_dict(config)
+    model = random_model(lambda: NARModel.from_config(cfg), size, seed)
+    if not size.direct_init:
+        _randomise_projector(model.projector)
     with torch.no_grad():
-        model.encoder.out_bpe.bias[blank] += BLANK_BIAS
+        model.encoder.out_bpe.bias[blank] += size.blank_bias
     tensors = {key: value.contiguous() for key, value in model.state_dict().items()}
     if old_layout:
         tensors = _legacy_bpe_head(tensors, blank)
         config["llm_config"] = config.pop("text_config")
-        encoder["bpe_output_dim"] = vocab + 1
-    save_file(tensors, out / "model.safetensors")
+        config["encoder_config"]["bpe_output_dim"] = vocab_size + 1
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
-def _randomise_projector(projector: torch.nn.Module) -> None:
-    """Learned queries, window positions and LayerNorm affines away from their trivial init."""
-    with torch.no_grad():
-        for param in (projector.query, projector.window_positions):
-            param.normal_(std=param.shape[-1] ** -0.5)
-        for module in projector.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
+def make_tiny_ar_checkpoint(out: str | Path, seed: int = 0) -> Path:
+    return make_ar_checkpoint(out, TINY, seed)
+
+
+def make_tiny_nar_checkpoint(out: str | Path, seed: int = 0, old_layout: bool = False) -> Path:
+    return make_nar_checkpoint(out, TINY, seed, old_layout)
 
 
 def _legacy_bpe_head(tensors: dict[str, torch.Tensor], blank: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ this machine: the templates are checked structurally against the modules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -23,6 +24,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from granite_speech_triton import export
+from granite_speech_triton.export import check as export_check
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.encoder import encode_batch, load_encoder
@@ -335,3 +337,24 @@ def test_libtorch_ensembles_keep_the_client_contract(ar_export, nar_export, ense
             _, config = load(out, step.model_name)
             assert set(step.input_map) == {i.name for i in config.input}, step.model_name
             assert set(step.output_map) <= {o.name for o in config.output}, step.model_name
+
+
+# --- half precision: ids are compared with a stated bound ------------------------------------------
+
+
+def test_half_precision_export_reports_its_id_error_rate(tiny_nar_checkpoint, tmp_path):
+    written = export.export(tiny_nar_checkpoint, "nar", tmp_path, dtype="bfloat16")
+    rates = {path.parent.parent.name: export.read_metadata(path.parent.parent).id_error_rate for path in written}
+    assert set(rates) == set(export.COMPONENTS["nar"])
+    assert all(0.0 <= rate <= export_check.HALF_PRECISION_ID_ERROR_BOUND for rate in rates.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ids_that_drift_from_the_eager_model_fail_the_export(tiny_nar_checkpoint, dtype):
+    built = export.build_nar_head(tiny_nar_checkpoint, "cpu", dtype)
+    drifted = dataclasses.replace(built, reference=lambda batch: [[ids[0] + 1] for ids in built.reference(batch)])
+    name = str(dtype).removeprefix("torch.")
+    expected = "exported ids" if dtype == torch.float32 else "id error rate 100.00%"
+    with pytest.raises(export.ExportError, match=expected):
+        export.verify(drifted, name)
+    assert export.verify(built, name).rate <= export_check.HALF_PRECISION_ID_ERROR_BOUND  # undrifted, it passes

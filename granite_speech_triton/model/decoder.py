@@ -18,7 +18,7 @@ from .config import ARModelConfig, read_config_json
 from .engine import DecodeEngine, EngineConfig, Sequence, engine_for
 from .projector import num_audio_tokens
 from .prompts import SpeechRequest, build_prompt_ids
-from .weights import load_component
+from .weights import load_module
 
 PROMPT_ALLOWANCE = 256  # tokens of chat template, instruction and keywords around the audio tokens
 
@@ -26,13 +26,13 @@ PROMPT_ALLOWANCE = 256  # tokens of chat template, instruction and keywords arou
 def load_llm(
     checkpoint: Path, text_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GraniteForCausalLM:
-    """transformers' Granite LLM with the checkpoint's `language_model.*` tensors."""
+    """transformers' Granite LLM with the checkpoint's `language_model.*` tensors, built without random init
+    and loaded straight into `device` and `dtype`."""
     config = GraniteConfig.from_dict(text_config)
-    llm = GraniteForCausalLM(config)
+    llm = load_module(lambda: GraniteForCausalLM(config), checkpoint, "language_model.", device, dtype)
     if config.tie_word_embeddings:
         llm.tie_weights()
-    load_component(llm, checkpoint, "language_model.")
-    return llm.to(device=device, dtype=dtype).eval()
+    return llm
 
 
 def eos_token_ids(checkpoint: Path, text_config: dict) -> list[int]:

@@ -139,7 +139,7 @@ class EngineFrontend:
             delivery = Delivery(sender)
             seq = self.decoder.sequence(
                 options,
-                sequence_input(request, "AUDIO_EMBEDS"),
+                sequence_input(request, "AUDIO_EMBEDS").clone(),  # the engine keeps it past `execute`
                 stream=bool(control.get("stream", False)),
                 key=str(control.get("key", "")),
                 deadline=options.deadline or None,

@@ -71,6 +71,7 @@ class ServerOptions:
     tritonserver: Path | None = None  # default: the nvidia-pytriton binary
     backend_directory: Path | None = None  # default: built from the nvidia-pytriton wheel
     backend_config: list[str] = field(default_factory=list)  # e.g. python,shm-default-byte-size=67108864
+    extra_args: list[str] = field(default_factory=list)  # other tritonserver options (--cuda-memory-pool-byte-size)
 
     def command(self) -> list[str]:
         binary = self.tritonserver or pytriton_root() / "bin" / "tritonserver"
@@ -90,6 +91,7 @@ class ServerOptions:
         ]
         cmd += [f"--backend-config={value}" for value in self.backend_config]
         cmd += [f"--load-model={name}" for name in self.load_models]
+        cmd += self.extra_args
         return cmd
 
     def environment(self) -> dict[str, str]:

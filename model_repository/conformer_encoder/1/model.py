@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch, run_in_length_groups
+from granite_speech_triton.model.encoder import encode_batch, load_encoder
 from granite_speech_triton.model.nar import load_nar_config, load_nar_encoder
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -32,16 +32,10 @@ def ar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list
 
 def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
     encoder = load_nar_encoder(checkpoint, load_nar_config(checkpoint), device, dtype)
-
-    def run(features: list[torch.Tensor]) -> list[Outputs]:
-        padded, lengths = pad_batch([f.to(device) for f in features])
-        out = encoder.encode(padded, lengths)
-        return [
-            {"PROJECTOR_INPUT": x, "DRAFT_IDS": np.array(draft, dtype=np.int32)}
-            for x, draft in zip(out.projector_inputs, out.drafts, strict=True)
-        ]
-
-    return lambda features: run_in_length_groups(features, run)
+    return lambda features: [
+        {"PROJECTOR_INPUT": x, "DRAFT_IDS": np.array(draft, dtype=np.int32)}
+        for x, draft in encoder.encode_utterances(features)
+    ]
 
 
 ENCODERS = {"ar": ar_encoder, "nar": nar_encoder}
@@ -51,7 +45,7 @@ class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         stage = self.setup(args)
         self.encoder = ENCODERS[stage.params["variant"]](stage.checkpoint(), stage.device, stage.dtype)
-        self.predict([torch.randn(WARMUP_FRAMES, FEATURE_DIM)])
+        self.run([torch.randn(WARMUP_FRAMES, FEATURE_DIM)])
 
     def decode(self, request) -> torch.Tensor:
         return sequence_input(request, "FEATURES")
@@ -61,7 +55,7 @@ class TritonPythonModel(BatchAdapter):
 
     def encode(self, outputs: Outputs):
         tensors = [
-            tensor_output(name, value, np.float32 if name != "DRAFT_IDS" else np.int32)
+            tensor_output(name, value, np.int32) if name == "DRAFT_IDS" else self.float_output(name, value)
             for name, value in outputs.items()
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
