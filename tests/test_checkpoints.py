@@ -25,7 +25,7 @@ from transformers import (
 
 from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.decoder import load_prompted_decoder
+from granite_speech_triton.model.decoder import load_ar_decoder
 from granite_speech_triton.model.encoder import ConformerEncoder, encode_batch, load_encoder
 from granite_speech_triton.model.nar import (
     NARModel,
@@ -104,9 +104,9 @@ def test_reduced_ar_loads_in_transformers_and_ours_with_the_same_greedy_tokens(r
     with torch.inference_mode():
         hidden = encode_batch(load_encoder(reduced_ar, cfg.encoder), [features])
         embeds = load_projector(reduced_ar, cfg.projector)(hidden)[0]
-    decoder = load_prompted_decoder(reduced_ar)
+    decoder = load_ar_decoder(reduced_ar)
     request = SpeechRequest(max_new_tokens=6)
-    ours = decoder.run([decoder.prepare(request, embeds)])[0].token_ids
+    ours = decoder.transcribe([(request, embeds)])[0].token_ids
     reference = TransformersReference(reduced_ar).generate(audio, request.instruction(), 6)
     assert ours == reference and len(ours) == 6
 

@@ -20,7 +20,7 @@ from placement_check import DEVICE, HOST, DeviceDiscipline, DeviceMixError
 
 from granite_speech_triton.model.audio import FEATURE_DIM, Framing, LogMelFrontEnd, check_waveform
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
-from granite_speech_triton.model.decoder import load_prompted_decoder
+from granite_speech_triton.model.decoder import load_ar_decoder
 from granite_speech_triton.model.encoder import encode_batch, load_encoder
 from granite_speech_triton.model.nar import (
     load_nar_config,
@@ -77,8 +77,8 @@ def nar_projector(_ar: Path, nar: Path):
 
 
 def llm_decoder(ar: Path, _nar: Path):
-    decoder = load_prompted_decoder(ar, CPU, MODEL_DTYPE)
-    return lambda items: [t.token_ids for t in decoder.run(items)]
+    decoder = load_ar_decoder(ar, CPU, MODEL_DTYPE)
+    return decoder.engine.generate
 
 
 def nar_head(_ar: Path, nar: Path):
@@ -87,9 +87,9 @@ def nar_head(_ar: Path, nar: Path):
 
 
 def decode_items(ar: Path) -> list:
-    decoder = load_prompted_decoder(ar)  # prepare only reads the tokenizer and the rows' count
+    decoder = load_ar_decoder(ar)  # `sequence` only reads the tokenizer and the rows' count
     request = SpeechRequest(max_new_tokens=5)
-    return [decoder.prepare(request, embeds) for embeds in rows(64, (30, 9))]
+    return [decoder.sequence(request, embeds) for embeds in rows(64, (30, 9))]
 
 
 def waveforms() -> list:
@@ -134,7 +134,7 @@ def test_each_predict_keeps_to_the_model_device(name, tiny_ar_checkpoint, tiny_n
     assert_on_device(check, outputs, dtype)
 
 
-def test_the_llm_decoder_keeps_to_the_model_device(tiny_ar_checkpoint):
+def test_the_decoding_engine_keeps_to_the_model_device(tiny_ar_checkpoint):
     items = decode_items(tiny_ar_checkpoint)
     with DeviceDiscipline() as check:
         predict = llm_decoder(tiny_ar_checkpoint, tiny_ar_checkpoint)
