@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from granite_speech_client import SAMPLE_RATE, GraniteSpeechClient, GraniteSpeechError, load_audio  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
+from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 from loadtest.report import LoadReport  # noqa: E402
 
@@ -123,9 +124,13 @@ class GraniteSpeechUser(User):
         self.clips = iter(own * passes) if passes else itertools.cycle(own)
 
     def finish(self) -> None:
-        """This user sent everything it had to: stop it, and end the run once every user has."""
+        """This user sent everything it had to: stop it, and end the run once every user has.
+
+        Locust rewrites its CSV every CSV_STATS_INTERVAL_SEC, not at the end: the run ends after
+        its next write (timers fire in deadline order), so that the CSV holds the last request too.
+        """
         if next(self._finished) >= max(self.environment.parsed_options.num_users or 1, 1):
-            gevent.spawn(self.environment.runner.quit)
+            gevent.spawn_later(CSV_STATS_INTERVAL_SEC + 1, self.environment.runner.quit)
         raise StopUser()
 
     def on_stop(self) -> None:

@@ -126,12 +126,13 @@ log "requirements.txt (torch above$([[ "$WITH_PYTRITON" == 1 ]] || echo ', no nv
     [[ "$INSTALL_DEV" == 1 ]] && echo ' + dev')"
 pip_install "${requirements[@]}"
 
+# Editable installs rebuild every time; their build steps tell nothing (errors still show).
 if [[ "$INSTALL_PROJECT" == 1 ]]; then
     log "project: $ROOT (editable)"
-    pip_install -e "$ROOT"
+    pip_install --quiet -e "$ROOT"
     if [[ -f "$ROOT/client/pyproject.toml" ]]; then
         log "client: $ROOT/client (editable)"
-        pip_install -e "$ROOT/client"
+        pip_install --quiet -e "$ROOT/client"
     fi
 fi
 
