@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .serving import server
 
-SHOWN_CHARACTERS = 100  # of a random-weight model's text
+SHOWN_CHARACTERS = 40  # of a random-weight model's text (before escaping)
 RANDOM_WEIGHTS_NOTE = (
     "random weights (make demo-tiny): the server and every step work, but the tokens are random, so the text is "
     "gibberish; `make demo` with a real CHECKPOINT transcribes"
@@ -23,8 +23,8 @@ def escape(text: str) -> str:
 def describe(variant: str, audio: Path, result, random_weights: bool) -> str:
     """One line per transcription: audio, timing, token count and the (escaped) text."""
     text = escape(result.text)
-    if random_weights and len(text) > SHOWN_CHARACTERS:
-        text = f"{text[:SHOWN_CHARACTERS]}... ({len(text) - SHOWN_CHARACTERS} more characters)"
+    if random_weights and len(result.text) > SHOWN_CHARACTERS:
+        text = f"{escape(result.text[:SHOWN_CHARACTERS])}... ({len(result.text) - SHOWN_CHARACTERS} more characters)"
     rtfx = result.audio_seconds / result.latency_s
     return (
         f"[{variant}] {audio.name}: {result.audio_seconds:.1f} s of audio in {result.latency_s:.2f} s "

@@ -223,7 +223,7 @@ def test_escape_shows_what_a_terminal_would_not():
 def test_demo_line_has_token_count_and_escaped_text():
     line = describe("ar", Path("a.wav"), Result("x\ufffd\n" * 60, 200), random_weights=True)
     assert line.startswith("[ar] a.wav: 7.4 s of audio in 0.50 s (RTFx 14.8), 200 tokens: x\\ufffd\\nx")
-    assert line.endswith("... (440 more characters)") and line.isprintable()
+    assert line.endswith("... (140 more characters)") and line.isprintable()
     assert describe("nar", Path("a.wav"), Result("hello world", 2), random_weights=False).endswith(
         "2 tokens: hello world"
     )
