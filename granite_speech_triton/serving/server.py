@@ -32,7 +32,9 @@ POLL_S = 0.5  # how often a start is checked on (log, process, readiness)
 # Options for a host without an NVIDIA GPU. GPU metrics need NVML and DCGM, the pinned host memory
 # pool needs the CUDA driver: without them the server logs errors about both at every start.
 CPU_HOST_OPTIONS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
-PORTS_HINT = "choose free ones with HTTP_PORT=, GRPC_PORT=, METRICS_PORT= (make) or --http-port, --grpc-port, --metrics-port"
+PORTS_HINT = (
+    "choose free ones with HTTP_PORT=, GRPC_PORT=, METRICS_PORT= (make) or --http-port, --grpc-port, --metrics-port"
+)
 
 Report = Callable[[str], None]  # receives one line for a person at a terminal
 
