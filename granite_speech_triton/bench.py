@@ -1,7 +1,7 @@
 """Side-by-side benchmark (issue 5): the in-process reference against our Triton ensembles.
 
-    python -m granite_speech_triton.bench --tiny                           # CPU smoke run, tiny checkpoints
-    python -m granite_speech_triton.bench --device cuda --dtype bfloat16   # the real checkpoints (hub ids)
+    granite-speech-triton bench --tiny                           # CPU smoke run, tiny checkpoints
+    granite-speech-triton bench --device cuda --dtype bfloat16   # the real checkpoints (hub ids)
 
 One run, one checkpoint per variant, one audio set (default: espeak-ng speech plus longer
 concatenations of it, about 1 to 20 s; or every wav file of --audio-dir):
@@ -502,8 +502,8 @@ def report(
         print(f"wrote {args.out / 'rtfx.png'}")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m granite_speech_triton.bench") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="granite-speech-triton bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -180,7 +180,7 @@ def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
-        return bench_main(argv[1:], prog="granite-speech-triton bench")
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
