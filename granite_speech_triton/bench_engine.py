@@ -33,6 +33,7 @@ import numpy as np
 from .bench import Clip, environment, load_clips, parse_levels, serving, synthesise_audio, tiny_checkpoints
 from .cli import settings_from
 from .serving.repository import DEVICES, DTYPES
+from .serving.server import free_port
 
 SAMPLE_RATE = 16_000
 DEFAULT_LEVELS = (1, 8, 16)
@@ -233,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
             max_decode_rows=max(args.concurrency),
             max_batch_size=max(args.concurrency),
         )
-        with serving(settings, ("ar",), args.out / scheduler) as url:
+        ports = {name: free_port() for name in ("HTTP", "gRPC", "metrics")}
+        with serving(settings, ("ar",), args.out / scheduler, ports) as url:
             run_served(url, scheduler, requests[: len(clips)], max(args.concurrency))  # warm-up, untimed
             for level in args.concurrency:
                 print(f"{scheduler}, {level} in flight ...", flush=True)

@@ -47,8 +47,18 @@ def eos_token_ids(checkpoint: Path, text_config: dict) -> list[int]:
 
 
 def load_tokenizer(checkpoint: Path):
-    """The checkpoint's own tokenizer (chat template and special tokens included)."""
-    return AutoTokenizer.from_pretrained(str(checkpoint))
+    """The checkpoint's own tokenizer (chat template and special tokens included).
+
+    AutoTokenizer reads config.json too. For a model type transformers has no class for
+    (granite_speech_nar) it falls back to a generic config and warns that the types differ; handed
+    that same generic config, it loads the same tokenizer without the warning.
+    """
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = read_config_json(checkpoint)
+    config = None if values.get("model_type") in CONFIG_MAPPING else PreTrainedConfig.from_dict(values)
+    return AutoTokenizer.from_pretrained(str(checkpoint), config=config)
 
 
 @dataclass
