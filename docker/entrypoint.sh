@@ -1,7 +1,7 @@
 #!/bin/sh
 # Container entrypoint: render the Triton repositories from the GST_* settings, then replace this
-# shell with /opt/tritonserver/bin/tritonserver (through `granite-speech-triton serve`, which
-# execs it), so the server is the process that receives SIGTERM.
+# shell with /opt/tritonserver/bin/tritonserver (through `granite-speech-triton serve --exec`),
+# so the server is the process that receives SIGTERM and `docker logs` shows its log.
 #
 #   GST_<SETTING>             every DeploySettings field (GST_DEVICE, GST_DTYPE, GST_MAX_BATCH_SIZE,
 #                             GST_INSTANCE_COUNT, GST_AR_CHECKPOINT, GST_NAR_CHECKPOINT, ...)
@@ -20,7 +20,7 @@ set -eu
 : "${PYTHON_SHM_DEFAULT_BYTES:=67108864}"
 : "${PYTHON_SHM_GROWTH_BYTES:=67108864}"
 
-exec granite-speech-triton serve \
+exec granite-speech-triton serve --exec \
     --tritonserver /opt/tritonserver/bin/tritonserver \
     --backend-directory /opt/tritonserver/backends \
     --out "$REPOSITORY_DIR" \

@@ -1,7 +1,7 @@
 """Side-by-side benchmark (issue 5): the in-process reference against our Triton ensembles.
 
-    python -m granite_speech_triton.bench --tiny                           # CPU smoke run, tiny checkpoints
-    python -m granite_speech_triton.bench --device cuda --dtype bfloat16   # the real checkpoints (hub ids)
+    granite-speech-triton bench --tiny                           # CPU smoke run, tiny checkpoints
+    granite-speech-triton bench --device cuda --dtype bfloat16   # the real checkpoints (hub ids)
 
 One run, one checkpoint per variant, one audio set (default: espeak-ng speech plus longer
 concatenations of it, about 1 to 20 s; or every wav file of --audio-dir):
@@ -10,7 +10,8 @@ concatenations of it, about 1 to 20 s; or every wav file of --audio-dir):
       NAR: this package's own NARModel.transcribe_ids, unbatched (transformers has no NAR class).
   (b) the Triton ensembles, with each --concurrency level of requests in flight; the audio set is
       cycled to --requests requests per level.
-RTFx = audio seconds / wall seconds. Prints a table, writes OUT/results.json and OUT/rtfx.png.
+RTFx = audio seconds / wall seconds. Prints a table, writes OUT/results.json, then OUT/rtfx.png (when
+matplotlib is installed: `make setup-dev` brings it; without it only the plot is missing).
 Served token ids are compared with the reference's for the same audio and the mismatches counted
 (never fatal). This is a benchmark, not a test: nothing here judges the timings.
 """
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import parse_variants, settings_from
+from .cli import add_port_arguments, parse_variants, port_map, settings_from
 from .serving import server
 from .serving.repository import DEVICES, DTYPES, ENSEMBLES, PROJECT_ROOT, DeploySettings, render
 
@@ -149,6 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-delay-us", type=int, help="DeploySettings.max_queue_delay_us")
     parser.add_argument("--instance-count", type=int, help="DeploySettings.instance_count")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any DeploySettings field")
+    add_port_arguments(parser, (0, 0, 0))  # 0: a free port
 
 
 def deploy_settings(args: argparse.Namespace, checkpoints: dict[str, str]) -> DeploySettings:
@@ -290,25 +292,25 @@ def reference_results(
 # ---- (b) the Triton ensembles ----------------------------------------------------------------
 
 
+def chosen_ports(args: argparse.Namespace) -> dict[str, int]:
+    """--http-port, --grpc-port, --metrics-port, each 0 replaced by a free port; checked at once."""
+    ports = {name: port or server.free_port() for name, port in port_map(args).items()}
+    server.check_ports("127.0.0.1", ports)
+    return ports
+
+
 @contextlib.contextmanager
-def serving(settings: DeploySettings, variants: tuple[str, ...], out: Path) -> Iterator[str]:
-    """Render the repositories, start tritonserver on free ports, yield its gRPC address, stop it."""
-    http, grpc, metrics = server.free_port(), server.free_port(), server.free_port()
+def serving(settings: DeploySettings, variants: tuple[str, ...], out: Path, ports: dict[str, int]) -> Iterator[str]:
+    """Render the repositories, start tritonserver on `ports`, yield its gRPC address, stop it."""
     options = server.ServerOptions(
         repositories=render(out / "repository", settings, variants),
         build_dir=PROJECT_ROOT / "build",
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
+        http_port=ports["HTTP"],
+        grpc_port=ports["gRPC"],
+        metrics_port=ports["metrics"],
     )
-    log_path = out / "server.log"
-    print(f"starting tritonserver (log: {log_path}) ...", flush=True)
-    process = server.start(options, log_path)
-    try:
-        server.wait_ready(http, process, log_path)
-        yield f"127.0.0.1:{grpc}"
-    finally:
-        server.stop(process)
+    with server.running(options, out / "server.log"):
+        yield f"127.0.0.1:{options.grpc_port}"
 
 
 def first_difference(served: Sequence[int], expected: Sequence[int]) -> int | None:
@@ -433,10 +435,16 @@ def write_json(
     path.write_text(json.dumps(document, indent=2))
 
 
-def plot(path: Path, results: dict[str, VariantResult], settings: DeploySettings) -> None:
-    """RTFx against concurrency per variant, each reference as a dashed horizontal line."""
-    import matplotlib
+def plot(path: Path, results: dict[str, VariantResult], settings: DeploySettings) -> bool:
+    """RTFx against concurrency per variant, each reference as a dashed horizontal line.
 
+    Returns False (having said so) when matplotlib is not installed: the plot is all it costs.
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("no plot: matplotlib is not installed (`make setup-dev`, or `pip install matplotlib`, adds it)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -459,6 +467,7 @@ def plot(path: Path, results: dict[str, VariantResult], settings: DeploySettings
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -468,6 +477,7 @@ def run(args: argparse.Namespace) -> int:
     """The whole benchmark; returns an exit code (0 even when tokens differ: that is reported)."""
     if args.requests < 1:
         raise SystemExit("--requests must be at least 1")
+    ports = chosen_ports(args)  # before any model loads
     args.out.mkdir(parents=True, exist_ok=True)
     settings = deploy_settings(args, tiny_checkpoints(args.out / "checkpoints", args.variants) if args.tiny else {})
     clips = load_clips(args.audio_dir or synthesise_audio(args.out / "audio"))
@@ -475,20 +485,30 @@ def run(args: argparse.Namespace) -> int:
     if args.requests % len(clips):
         print(f"note: --requests {args.requests} is not a multiple of {len(clips)} clips: the audio mixes differ")
     results = reference_results(args.variants, settings, clips, args.max_new_tokens)
-    with serving(settings, args.variants, args.out) as url:
+    with serving(settings, args.variants, args.out, ports) as url:
         triton_results(url, results, clips, args)
-    print(format_table(results))
-    write_json(args.out / "results.json", results, clips, settings, args)
-    plot(args.out / "rtfx.png", results, settings)
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'rtfx.png'}")
+    report(results, clips, settings, args)
     return 0
 
 
+def report(
+    results: dict[str, VariantResult], clips: list[Clip], settings: DeploySettings, args: argparse.Namespace
+) -> None:
+    """The table, then results.json, then the plot (the one part that needs an optional library)."""
+    print(format_table(results))
+    write_json(args.out / "results.json", results, clips, settings, args)
+    print(f"wrote {args.out / 'results.json'}")
+    if plot(args.out / "rtfx.png", results, settings):
+        print(f"wrote {args.out / 'rtfx.png'}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m granite_speech_triton.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="granite-speech-triton bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main  # its error handling: a taken port is one line, not a traceback
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -1,14 +1,15 @@
 """`granite-speech-triton`: render repositories, serve, run the demo, make tiny checkpoints.
 
     granite-speech-triton render --out build/repository --set ar_checkpoint=DIR ...
-    granite-speech-triton serve  --set ar_checkpoint=DIR [--variants ar,nar]
-    granite-speech-triton demo   --set ar_checkpoint=DIR --audio samples/hello.wav
+    granite-speech-triton serve  --set ar_checkpoint=DIR [--variants ar,nar] [--http-port 8000 ...]
+    granite-speech-triton demo   --set ar_checkpoint=DIR --audio samples/hello.wav [--random-weights]
     granite-speech-triton make-checkpoint build/tiny-ar [--nar] [--size tiny|reduced|real]
     granite-speech-triton export --checkpoint DIR --variant ar|nar --out build/libtorch [--device cuda --dtype bfloat16]
     granite-speech-triton bench  --tiny | --device cuda --dtype bfloat16 [--concurrency 1,8,32]
 
 Every `--set key=value` is a DeploySettings field (see serving/repository.py); unknown keys
 are rejected. Environment variables GST_<KEY> (e.g. GST_DEVICE=cuda) set defaults.
+serve, demo and bench check their ports before anything loads; a busy port is one line naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def parse_variants(text: str) -> tuple[str, ...]:
     if not variants or any(v not in VARIANTS for v in variants):
         raise argparse.ArgumentTypeError(f"variants must be a comma-separated subset of {','.join(VARIANTS)}")
     return variants
+
+
+def add_port_arguments(parser: argparse.ArgumentParser, defaults: tuple[int, int, int]) -> None:
+    """--http-port, --grpc-port, --metrics-port (the Makefile's HTTP_PORT, GRPC_PORT, METRICS_PORT)."""
+    for name, default in zip(("http", "grpc", "metrics"), defaults, strict=True):
+        parser.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT")
+
+
+def port_map(args: argparse.Namespace) -> dict[str, int]:
+    return {"HTTP": args.http_port, "gRPC": args.grpc_port, "metrics": args.metrics_port}
 
 
 def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,19 +103,28 @@ def resolved(settings: DeploySettings, variants: tuple[str, ...]) -> DeploySetti
     return dataclasses.replace(settings, **paths)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def prepared(args: argparse.Namespace) -> server.ServerOptions:
+    """Ports checked (before anything is downloaded or loaded), then the repositories rendered."""
+    server.check_ports(args.address, port_map(args))
     repositories = render(args.out, resolved(settings_from(args.set), args.variants), args.variants)
-    options = server_options(args, repositories)
-    os.execvpe(options.command()[0], options.command(), options.environment())
-    return 1  # not reached
+    return server_options(args, repositories)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    options = prepared(args)
+    if args.exec:
+        os.execvpe(options.command()[0], options.command(), options.environment())
+    with server.running(options, args.out / "server.log") as process:
+        print("serving; Ctrl-C stops the server", flush=True)
+        code = process.wait()
+    print(f"tritonserver exited with code {code}; log: {args.out / 'server.log'}", file=sys.stderr)
+    return code or 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    repositories = render(args.out, resolved(settings_from(args.set), args.variants), args.variants)
-    options = server_options(args, repositories)
-    return run_demo(options, args.audio, args.variants, Path(args.out) / "server.log")
+    return run_demo(prepared(args), args.audio, args.variants, args.out / "server.log", args.random_weights)
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -127,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         add_deploy_arguments(p)
-        p.add_argument("--http-port", type=int, default=8000)
-        p.add_argument("--grpc-port", type=int, default=8001)
-        p.add_argument("--metrics-port", type=int, default=8002)
+        add_port_arguments(p, (8000, 8001, 8002))
         p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
         p.add_argument(
             "--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE", help="tritonserver option"
@@ -137,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tritonserver", type=Path, default=None, help="server binary (default: nvidia-pytriton's)")
         p.add_argument("--backend-directory", type=Path, default=None, help="Triton backends folder")
         p.set_defaults(func=func)
-    sub.choices["demo"].add_argument("--audio", type=Path, default=Path("samples/granite_speech_demo.wav"))
+    sub.choices["serve"].add_argument(
+        "--exec", action="store_true", help="become tritonserver, its log on stdout (containers; no progress lines)"
+    )
+    demo_p = sub.choices["demo"]
+    demo_p.add_argument("--audio", type=Path, default=Path("samples/granite_speech_demo.wav"))
+    demo_p.add_argument("--random-weights", action="store_true", help="the checkpoints are tiny random ones: say so")
     tiny_p = sub.add_parser(
         "make-checkpoint",
         aliases=["make-tiny-checkpoint"],
@@ -149,25 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", choices=("tiny", "reduced", "real"), default="tiny", help="real: the 2b dimensions, ~4.5 GB bf16"
     )
     tiny_p.set_defaults(func=cmd_make_checkpoint)
-    # Listed for --help only: `main` hands `export ...` to export.main, whose parser needs torch imported.
+    # Listed for --help only: `main` hands `export ...` and `bench ...` to their own modules' main
+    # (export's parser needs torch imported; bench imports this module, never the other way round).
     sub.add_parser("export", help="TorchScript of the encoder, projectors, NAR head for Triton's PyTorch backend")
-    from . import bench  # here, not at the top: bench imports this module
-
-    bench_p = sub.add_parser("bench", help="benchmark: in-process reference vs Triton at several concurrencies")
-    bench.add_arguments(bench_p)
-    bench_p.set_defaults(func=bench.run)
+    sub.add_parser("bench", help="benchmark: in-process reference vs Triton at several concurrencies")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    argv = sys.argv[1:] if argv is None else argv
+def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
         from .export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a taken port or a server that fails to start is one line on stderr, no traceback."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except (server.PortError, server.ServerStartError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

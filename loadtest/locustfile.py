@@ -8,6 +8,10 @@ Run from the repository root (see README.md, or `python -m loadtest.run`):
 Over HTTP the client uses tritonclient.http (geventhttpclient), which cooperates with Locust's
 gevent workers; for gRPC, gRPC's gevent integration is switched on below before any channel.
 One Locust request is one audio file; its response time is the client's measured latency.
+
+The users share the files out (user i of N sends files i, i+N, i+2N, ...), so which files are sent
+never depends on how fast the server answers: with --passes K every user sends its share K times
+and the run ends when all have, so every file is sent exactly K times.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()  # before tritonclient.grpc opens a channel
 
+import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 from granite_speech_client import SAMPLE_RATE, GraniteSpeechClient, GraniteSpeechError, load_audio  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
+from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 from loadtest.report import LoadReport  # noqa: E402
 
@@ -61,6 +68,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol")
     group.add_argument("--max-new-tokens", type=int, default=0, help="AR decode limit (0: server default)")
     group.add_argument("--request-timeout", type=float, default=300.0, help="per-request timeout, s")
+    group.add_argument("--passes", type=int, default=0, help="each user sends its files this often (0: until -t)")
     group.add_argument("--report-dir", default="loadtest/results", help="where report.csv/html go")
 
 
@@ -74,6 +82,7 @@ def on_init(environment, **_kwargs) -> None:
 @events.test_start.add_listener
 def on_test_start(environment, **_kwargs) -> None:
     REPORT.start()
+    GraniteSpeechUser.reset()
 
 
 @events.request.add_listener
@@ -84,15 +93,24 @@ def on_request(name, response_time, exception, context, **_kwargs) -> None:
 @events.test_stop.add_listener
 def on_test_stop(environment, **_kwargs) -> None:
     REPORT.stop()
-    for path in REPORT.write(Path(environment.parsed_options.report_dir)):
-        print(f"wrote {path}")
+    REPORT.write(Path(environment.parsed_options.report_dir))
+
+
+def share(files: list[Clip], user: int, users: int) -> list[Clip]:
+    """The files user `user` of `users` sends: every users-th one, starting at its own index."""
+    return files[user::users]
 
 
 class GraniteSpeechUser(User):
-    """Sends one file after another (closed loop); users start at different files."""
+    """Sends its share of the files one after another (closed loop), --passes times or until the run ends."""
 
     wait_time = constant(0)
-    _count = itertools.count()
+    _count = itertools.count()  # users started
+    _finished = itertools.count(1)  # users done with their passes
+
+    @classmethod
+    def reset(cls) -> None:
+        cls._count, cls._finished = itertools.count(), itertools.count(1)
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
@@ -100,16 +118,29 @@ class GraniteSpeechUser(User):
         self.protocol = options.protocol
         self.max_new_tokens = (options.max_new_tokens or None) if self.variant == "ar" else None
         self.client = GraniteSpeechClient(self.host, options.protocol, timeout_s=options.request_timeout, retries=0)
-        own = clips(options.audio_dir)
-        offset = next(self._count) % len(own)
-        self.clips = itertools.cycle(own[offset:] + own[:offset])
+        users = max(options.num_users or 1, 1)
+        own = share(clips(options.audio_dir), next(self._count) % users, users)
+        passes = options.passes
+        self.clips = iter(own * passes) if passes else itertools.cycle(own)
+
+    def finish(self) -> None:
+        """This user sent everything it had to: stop it, and end the run once every user has.
+
+        Locust rewrites its CSV every CSV_STATS_INTERVAL_SEC, not at the end: the run ends after
+        its next write (timers fire in deadline order), so that the CSV holds the last request too.
+        """
+        if next(self._finished) >= max(self.environment.parsed_options.num_users or 1, 1):
+            gevent.spawn_later(CSV_STATS_INTERVAL_SEC + 1, self.environment.runner.quit)
+        raise StopUser()
 
     def on_stop(self) -> None:
         self.client.close()
 
     @task
     def transcribe(self) -> None:
-        clip = next(self.clips)
+        clip = next(self.clips, None)
+        if clip is None:
+            self.finish()
         name = "granite_speech" if self.variant == "ar" else "granite_speech_nar"
         started = time.perf_counter()
         context = {"file": clip.name, "audio_seconds": clip.samples.shape[0] / SAMPLE_RATE}

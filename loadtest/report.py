@@ -111,6 +111,40 @@ class LoadReport:
         return paths
 
 
+SUMMARY = (  # (column, heading) of the summary printed on the terminal
+    ("ensemble", "ensemble"),
+    ("requests", "requests"),
+    ("failures", "failures"),
+    ("audio_seconds", "audio_s"),
+    ("rtfx", "RTFx"),
+    ("latency_p50_ms", "p50_ms"),
+    ("latency_p95_ms", "p95_ms"),
+    ("latency_p99_ms", "p99_ms"),
+)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a report.csv that `LoadReport.write` made."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def align(cell: str, width: int, column: int) -> str:
+    """The ensemble name to the left, numbers to the right."""
+    return cell.ljust(width) if column == 0 else cell.rjust(width)
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """Requests, failures, RTFx and latency percentiles per ensemble, as an aligned text table."""
+    table = [[heading for _, heading in SUMMARY], *([str(row[column]) for column, _ in SUMMARY] for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(SUMMARY))]
+    lines = [
+        "  ".join(align(cell, width, i) for i, (cell, width) in enumerate(zip(line, widths, strict=True)))
+        for line in table
+    ]
+    return "\n".join([*lines, "RTFx = audio seconds transcribed per wall second, all users together"])
+
+
 def render_html(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows)

@@ -6,7 +6,9 @@
 Without --audio-dir, synthetic speech (espeak-ng, mixed lengths and sample rates) is written
 to OUT/audio first. OUT (default loadtest/results) receives Locust's CSV and HTML reports
 (locust_*.csv, locust.html) and ours (report.csv, report.html with RTFx and latency
-percentiles per ensemble, texts.json). The exit code is Locust's: 0 when no request failed.
+percentiles per ensemble, texts.json); our summary is printed last. With --passes K the run
+ends once every file was sent K times (--run-time is then only an upper bound). The exit code
+is Locust's: 0 when no request failed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .report import format_summary, read_rows
 from .synth import make_audio_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", type=int, default=4, help="concurrent users (default 4)")
     parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second (default 4)")
     parser.add_argument("--run-time", default="20s", help="duration, e.g. 20s, 5m (default 20s)")
+    parser.add_argument(
+        "--passes", type=int, default=0, help="send every file this often, then stop (0: until --run-time)"
+    )
     parser.add_argument("--audio-dir", type=Path, default=None, help="wav/flac/ogg files (default: synthesize)")
     parser.add_argument("--variant", choices=("ar", "nar"), default="ar")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="AR decode limit (0: server default)")
@@ -58,6 +64,7 @@ def locust_command(args: argparse.Namespace, audio_dir: Path) -> list[str]:
         f"--variant={args.variant}",
         f"--protocol={args.protocol}",
         f"--max-new-tokens={args.max_new_tokens}",
+        f"--passes={args.passes}",
         f"--report-dir={out}",
     ]
 
@@ -69,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if audio_dir is None:
         audio_dir = args.out / "audio"
         make_audio_dir(audio_dir)
-    return subprocess.run(locust_command(args, audio_dir), cwd=ROOT).returncode
+    code = subprocess.run(locust_command(args, audio_dir), cwd=ROOT).returncode
+    report = args.out / "report.csv"
+    if report.is_file():
+        print(f"\nload test summary ({args.users} users, {args.protocol}; reports in {args.out}):")
+        print(format_summary(read_rows(report)), flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 from audio_samples import SAMPLE_RATE, espeak, synthetic
 
 from granite_speech_triton import bench
+from granite_speech_triton.serving.repository import DeploySettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"system", "label", "concurrency", "requests", "audio_seconds", "wall_s", "rtfx", "latency_p50_s",
@@ -75,3 +78,17 @@ def test_tiny_benchmark_writes_json_table_and_png(tmp_path: Path, capsys: pytest
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[:2] > (100, 100)
+
+
+def test_without_matplotlib_only_the_plot_is_missing(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails as if not installed
+    reference = bench.Run("reference", "in-process", 1, 10.0, 2.0, [1.0, 1.0])
+    result = bench.VariantResult(reference, [[1, 2]], [bench.Run("triton", "ensemble", 2, 10.0, 1.0, [0.5], 0)])
+    args = argparse.Namespace(out=tmp_path, concurrency=(2,), requests=2, max_new_tokens=4, tiny=True)
+    clips = [bench.Clip("a.wav", np.zeros(bench.SAMPLE_RATE, np.float32))]
+    bench.report({"ar": result}, clips, DeploySettings(), args)
+    printed = capsys.readouterr().out
+    assert "RTFx" in printed and "x_ref" in printed
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["ar"]["triton"][0]["rtfx"] == 10.0
+    assert "no plot: matplotlib is not installed (`make setup-dev`, or `pip install matplotlib`, adds it)" in printed
+    assert not (tmp_path / "rtfx.png").exists()

@@ -8,6 +8,7 @@ ids); only the layer dimensions are small. The REAL dimensions are checked on th
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,14 @@ from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import load_ar_decoder
 from granite_speech_triton.model.encoder import ConformerEncoder, encode_batch, load_encoder
-from granite_speech_triton.model.nar import NARModel, NARModelConfig, load_nar_config, load_nar_model
-from granite_speech_triton.model.projector import QFormerProjector, load_projector
+from granite_speech_triton.model.nar import (
+    NARModel,
+    NARModelConfig,
+    load_nar_config,
+    load_nar_model,
+    load_nar_projector,
+)
+from granite_speech_triton.model.projector import QFormerProjector, load_projector, projector_config
 from granite_speech_triton.model.prompts import SpeechRequest
 from granite_speech_triton.model.weights import read_tensors, safetensors_files
 from granite_speech_triton.reference import TransformersReference
@@ -35,6 +42,7 @@ from granite_speech_triton.tiny import (
     OUT_LLM_FILE,
     REAL,
     REDUCED,
+    TINY,
     ar_config,
     make_ar_checkpoint,
     make_nar_checkpoint,
@@ -155,3 +163,21 @@ def test_real_dimensions_match_the_model_spec():
     assert shapes["language_model.model.embed_tokens.weight"] == (NAR_VOCAB, 2048)
     assert "language_model.lm_head.weight" not in shapes  # tied
     assert nar.encoder.layer_indices == (4, 8, 12, -1) and nar.encoder.cfg.self_conditioning_layer == 8
+
+
+@pytest.mark.parametrize("window", [15, 10])
+def test_audio_rows_follow_the_checkpoint_window(tmp_path: Path, window: int):
+    """AUDIO_ROWS (what the feature extractor announces) equals what each projector makes, whatever
+    the checkpoint's window: 2 rows per 10 frames (AR) with window 10, not 3 per 15."""
+    size = replace(TINY, projector_window=window)
+    ar, nar = make_ar_checkpoint(tmp_path / "ar", size), make_nar_checkpoint(tmp_path / "nar", size)
+    ar_cfg = ARModelConfig.from_dict(read_config_json(ar))
+    ar_projector, nar_projector = load_projector(ar, ar_cfg.projector), load_nar_projector(nar, load_nar_config(nar))
+    frames = [1, 9, 10, 11, 29, 30, 31, 250]
+    with torch.inference_mode():
+        ar_rows = [r.shape[0] for r in ar_projector([torch.randn(n, 32) for n in frames])]
+        nar_rows = [r.shape[0] for r in nar_projector([torch.randn(n, 4 * 32) for n in frames])]
+    assert [projector_config(ar, "ar").rows(n) for n in frames] == ar_rows
+    assert [projector_config(nar, "nar").rows(n) for n in frames] == nar_rows
+    if window == 10:
+        assert ar_rows[:4] == [2, 2, 2, 4] and nar_rows[:4] == [0, 1, 2, 2]

@@ -154,14 +154,19 @@ def test_transcribe_many_keeps_order_bounds_concurrency_and_isolates_failures(cl
     alone = [client.transcribe(a, sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS) for a in arrays]
     items = [*arrays[:2], tmp_path / "missing.wav", *arrays[2:]]
 
-    active, peak, lock = [0], [0], threading.Lock()
+    active, peak, lock, two_in_flight = [0], [0], threading.Lock(), threading.Event()
     run = client._run
 
     def counting_run(*args, **kwargs):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+            if active[0] == 2:
+                two_in_flight.set()
         try:
+            # The first request waits for a second one beside it, however slow the machine: only a client
+            # that never sends two at once makes it wait out the timeout (and the peak then shows it).
+            two_in_flight.wait(timeout=300)
             return run(*args, **kwargs)
         finally:
             with lock:

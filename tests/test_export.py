@@ -12,6 +12,7 @@ this machine: the templates are checked structurally against the modules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -23,6 +24,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from granite_speech_triton import export
+from granite_speech_triton.export import check as export_check
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.encoder import encode_batch, load_encoder
@@ -320,18 +322,45 @@ def test_libtorch_template_matches_its_module(ar_export, nar_export, name):
             assert all(d in (-1, s) for d, s in zip(spec.dims, shape, strict=True)), (spec.name, shape)
 
 
-@pytest.mark.parametrize(("ensemble", "variant"), [("ar_encode", "ar"), ("granite_speech_nar", "nar")])
+@pytest.mark.parametrize(
+    ("ensemble", "variant"), [("granite_speech", "ar"), ("ar_encode", "ar"), ("granite_speech_nar", "nar")]
+)
 def test_libtorch_ensembles_keep_the_client_contract(ar_export, nar_export, ensemble, variant):
+    """The same inputs and outputs as the Python-backend ensembles, but for the CTC draft, which
+    the exported AR encoder does not make (draft decoding modes need the Python encoder)."""
     values = {**DeploySettings().template_values(), "model_name": ensemble}
     parse = lambda path: text_format.Parse(fill(path, values), mc.ModelConfig())  # noqa: E731
     libtorch, python = (
         parse(ENSEMBLE_TEMPLATES / ensemble / "config.libtorch.pbtxt"),
         parse(ENSEMBLE_TEMPLATES / ensemble / "config.pbtxt"),
     )
-    assert libtorch.input == python.input and libtorch.output == python.output
+    drafts = {"DRAFT_IDS", "DRAFT_ENTROPY"}
+    assert libtorch.input == python.input
+    assert [o for o in python.output if o.name not in drafts] == list(libtorch.output)
     out = ar_export if variant == "ar" else nar_export
     for step in libtorch.ensemble_scheduling.step:
         if step.model_name in export.COMPONENTS[variant] and step.model_name != "nar_head":  # nar_head stays Python
             _, config = load(out, step.model_name)
             assert set(step.input_map) == {i.name for i in config.input}, step.model_name
             assert set(step.output_map) <= {o.name for o in config.output}, step.model_name
+
+
+# --- half precision: ids are compared with a stated bound ------------------------------------------
+
+
+def test_half_precision_export_reports_its_id_error_rate(tiny_nar_checkpoint, tmp_path):
+    written = export.export(tiny_nar_checkpoint, "nar", tmp_path, dtype="bfloat16")
+    rates = {path.parent.parent.name: export.read_metadata(path.parent.parent).id_error_rate for path in written}
+    assert set(rates) == set(export.COMPONENTS["nar"])
+    assert all(0.0 <= rate <= export_check.HALF_PRECISION_ID_ERROR_BOUND for rate in rates.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ids_that_drift_from_the_eager_model_fail_the_export(tiny_nar_checkpoint, dtype):
+    built = export.build_nar_head(tiny_nar_checkpoint, "cpu", dtype)
+    drifted = dataclasses.replace(built, reference=lambda batch: [[ids[0] + 1] for ids in built.reference(batch)])
+    name = str(dtype).removeprefix("torch.")
+    expected = "exported ids" if dtype == torch.float32 else "id error rate 100.00%"
+    with pytest.raises(export.ExportError, match=expected):
+        export.verify(drifted, name)
+    assert export.verify(built, name).rate <= export_check.HALF_PRECISION_ID_ERROR_BOUND  # undrifted, it passes

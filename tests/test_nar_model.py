@@ -25,8 +25,8 @@ from granite_speech_triton.model.nar import (
     insertion_slots,
     load_nar_config,
     load_nar_model,
-    pack_groups,
 )
+from granite_speech_triton.model.ragged import pack_groups
 from granite_speech_triton.model.weights import read_tensors
 from granite_speech_triton.tiny import make_tiny_nar_checkpoint
 

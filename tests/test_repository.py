@@ -30,6 +30,12 @@ def test_render_fills_every_template(tmp_path: Path):
         assert "max_batch_size: 64" in text or name == STREAMING["ar"]  # decoupled, unbatched
     encoder = rendered["ar_conformer_encoder"]
     assert "kind: KIND_GPU" in encoder and 'string_value: "bfloat16"' in encoder and "/ckpt/ar" in encoder
+    # On a GPU, float tensors between steps stay there in the serving dtype.
+    assert (
+        '"HIDDEN", data_type: TYPE_BF16' in encoder and '"AUDIO_EMBEDS", data_type: TYPE_BF16' in rendered["nar_head"]
+    )
+    assert 'FORCE_CPU_ONLY_INPUT_TENSORS", value: { string_value: "no"' in rendered["ar_llm_decoder"]
+    assert "/ckpt/ar" in rendered["ar_feature_extractor"]  # its AUDIO_ROWS follow the checkpoint's projector
     for name in MODELS["ar"]:
         assert "dynamic_batching" in rendered[name] or name == STREAMING["ar"]
         assert (models / name / "1" / "model.py").is_file()
@@ -39,6 +45,8 @@ def test_render_fills_every_template(tmp_path: Path):
 
 def test_render_only_the_requested_variant(tmp_path: Path):
     models, ensembles = render(tmp_path, DeploySettings(), ("ar",))
+    encoder = (models / "ar_conformer_encoder" / "config.pbtxt").read_text()
+    assert '"HIDDEN", data_type: TYPE_FP32' in encoder and 'INPUT_TENSORS", value: { string_value: "yes"' in encoder
     assert sorted(p.name for p in models.iterdir()) == sorted(MODELS["ar"])
     assert sorted(p.name for p in ensembles.iterdir()) == ["ar_encode", "granite_speech"]
 

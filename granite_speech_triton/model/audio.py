@@ -40,17 +40,6 @@ class Framing(str, Enum):
     NAR = "nar"
 
 
-PROJECTOR_WINDOW = 15  # encoder frames per projector window (window_size / block_size of both 4.1 checkpoints)
-PROJECTOR_RATE = 5  # encoder frames per projector output row (downsample_rate)
-
-
-def audio_rows(frames: int, framing: Framing) -> int:
-    """Projector output rows for `frames` encoder frames: the AR prompt's audio tokens, or the NAR head's audio rows."""
-    if framing is Framing.AR:
-        return (PROJECTOR_WINDOW // PROJECTOR_RATE) * -(-frames // PROJECTOR_WINDOW)
-    return frames // PROJECTOR_RATE
-
-
 def _hz_to_mel(freq: float) -> float:
     return 2595.0 * math.log10(1.0 + freq / 700.0)
 

@@ -67,6 +67,10 @@ class ARProjectorConfig:
     def num_queries(self) -> int:
         return self.window_size // self.downsample_rate
 
+    def rows(self, encoder_frames: int) -> int:
+        """Projector rows (audio tokens of the prompt) for `encoder_frames`: queries per started window."""
+        return self.num_queries * -(-encoder_frames // self.window_size)
+
 
 @dataclass(frozen=True)
 class ARModelConfig:

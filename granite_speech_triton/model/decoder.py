@@ -20,7 +20,7 @@ from .engine import DecodeEngine, EngineConfig, Mode, Sequence, engine_for
 from .errors import RequestError
 from .projector import num_audio_tokens
 from .prompts import DRAFT_MODES, SpeechRequest, build_prompt_ids
-from .weights import load_component
+from .weights import load_module
 
 PROMPT_ALLOWANCE = 256  # tokens of chat template, instruction and keywords around the audio tokens
 
@@ -28,13 +28,13 @@ PROMPT_ALLOWANCE = 256  # tokens of chat template, instruction and keywords arou
 def load_llm(
     checkpoint: Path, text_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GraniteForCausalLM:
-    """transformers' Granite LLM with the checkpoint's `language_model.*` tensors."""
+    """transformers' Granite LLM with the checkpoint's `language_model.*` tensors, built without random init
+    and loaded straight into `device` and `dtype`."""
     config = GraniteConfig.from_dict(text_config)
-    llm = GraniteForCausalLM(config)
+    llm = load_module(lambda: GraniteForCausalLM(config), checkpoint, "language_model.", device, dtype)
     if config.tie_word_embeddings:
         llm.tie_weights()
-    load_component(llm, checkpoint, "language_model.")
-    return llm.to(device=device, dtype=dtype).eval()
+    return llm
 
 
 def eos_token_ids(checkpoint: Path, text_config: dict) -> list[int]:
@@ -49,8 +49,18 @@ def eos_token_ids(checkpoint: Path, text_config: dict) -> list[int]:
 
 
 def load_tokenizer(checkpoint: Path):
-    """The checkpoint's own tokenizer (chat template and special tokens included)."""
-    return AutoTokenizer.from_pretrained(str(checkpoint))
+    """The checkpoint's own tokenizer (chat template and special tokens included).
+
+    AutoTokenizer reads config.json too. For a model type transformers has no class for
+    (granite_speech_nar) it falls back to a generic config and warns that the types differ; handed
+    that same generic config, it loads the same tokenizer without the warning.
+    """
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = read_config_json(checkpoint)
+    config = None if values.get("model_type") in CONFIG_MAPPING else PreTrainedConfig.from_dict(values)
+    return AutoTokenizer.from_pretrained(str(checkpoint), config=config)
 
 
 @dataclass

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from .config import EncoderConfig
 from .ctc import ctc_collapse_segments
 from .encoder import ConformerEncoder, EncoderOutput, frame_mask
-from .weights import load_into, read_tensors
+from .weights import load_module
 
 POOLING_EPS = 1e-8  # keeps an all-blank window's weights finite
 CHAR_CTC_BLANK = 0  # blank label of the encoder's character CTC head (`out`)
@@ -53,12 +54,13 @@ def posterior_weighted_pool(
 
 def pooled_rows(
     hidden: torch.Tensor, keep_prob: torch.Tensor, lengths: torch.Tensor, window: int
-) -> tuple[torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every utterance's pooled rows back to back [sum P_i, D] (in hidden's dtype; pooled in float32),
-    and P_i = ceil(length_i / window): padding never reaches the CTC head."""
+    and P_i = ceil(length_i / window) [B]: padding never reaches the CTC head. Tensors only (the
+    export traces it)."""
     pooled = posterior_weighted_pool(hidden.float(), keep_prob, lengths, window).to(hidden.dtype)
     pooled_lengths = (lengths + window - 1) // window  # [B]
-    return pooled[frame_mask(pooled_lengths, pooled.shape[1])], pooled_lengths.tolist()
+    return pooled[frame_mask(pooled_lengths, pooled.shape[1])], pooled_lengths
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ def ar_drafts(encoder: ConformerEncoder, head: nn.Linear, out: EncoderOutput, le
     cfg = encoder.cfg
     mid = out.hidden_states[cfg.self_conditioning_layer]  # after the self-conditioning add
     importance = 1.0 - torch.softmax(encoder.out(mid).float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
-    rows, pooled_lengths = pooled_rows(out.last_hidden_state, importance, lengths, cfg.bpe_pooling_window)
+    rows, pooled = pooled_rows(out.last_hidden_state, importance, lengths, cfg.bpe_pooling_window)
+    pooled_lengths = pooled.tolist()
     logits = head(rows).float()  # [sum P, labels]
     probs = torch.softmax(logits, dim=-1)
     entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(dim=-1)  # [sum P]
@@ -90,11 +93,8 @@ def load_draft_head(
     checkpoint: Path, cfg: EncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Linear | None:
     """`out_llm` of an AR checkpoint (hidden -> labels), or None when the checkpoint has none."""
-    path = Path(checkpoint) / OUT_LLM_FILE
-    if not path.is_file():
+    if not (Path(checkpoint) / OUT_LLM_FILE).is_file():
         return None
-    tensors = read_tensors(Path(checkpoint), "", OUT_LLM_FILE)
-    labels = tensors["weight"].shape[0] if "weight" in tensors else 0
-    head = nn.Linear(cfg.hidden_dim, labels)
-    load_into(head, tensors, "out_llm.")
-    return head.to(device=device, dtype=dtype).eval()
+    with safe_open(Path(checkpoint) / OUT_LLM_FILE, framework="pt") as f:
+        labels = f.get_slice("weight").get_shape()[0] if "weight" in f.keys() else 0  # noqa: SIM118
+    return load_module(lambda: nn.Linear(cfg.hidden_dim, labels), checkpoint, "", device, dtype, filename=OUT_LLM_FILE)

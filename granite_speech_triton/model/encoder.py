@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
-from .weights import load_component
+from .weights import load_module
 
 
 def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -173,8 +173,7 @@ def load_encoder(
     checkpoint: Path, cfg: EncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> ConformerEncoder:
     """A ConformerEncoder with the checkpoint's `encoder.*` tensors, in eval mode."""
-    encoder = load_component(ConformerEncoder(cfg), checkpoint, "encoder.")
-    return encoder.to(device=device, dtype=dtype).eval()
+    return load_module(lambda: ConformerEncoder(cfg), checkpoint, "encoder.", device, dtype)
 
 
 def pad_batch(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

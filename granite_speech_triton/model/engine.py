@@ -43,7 +43,7 @@ from transformers import GraniteForCausalLM
 from .beam import BeamSearch
 from .errors import RequestError
 from .kv_cache import KVLayout, KVPool
-from .nar import pack_groups
+from .ragged import pack_groups
 from .runner import GraniteRunner, PrefillInput
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,11 @@ from transformers.masking_utils import create_bidirectional_mask, packed_sequenc
 from .config import EncoderConfig, known_fields, read_config_json
 from .ctc import ctc_collapse_segments
 from .draft import CHAR_CTC_BLANK, pooled_rows
-from .encoder import ConformerEncoder
+from .encoder import ConformerEncoder, pad_batch, run_in_length_groups
 from .errors import CheckpointError
 from .projector import split_windows
-from .weights import load_into, read_tensors
+from .ragged import join_segments, pack_groups, ragged_index, take_second
+from .weights import load_module
 
 PACK_TOKEN_BUDGET = 4096  # tokens per packed LLM sequence: dense masks attend over budget^2 pairs
 
@@ -53,6 +54,10 @@ class NARProjectorConfig:
     @property
     def num_queries(self) -> int:
         return self.block_size // self.downsample_rate
+
+    def rows(self, encoder_frames: int) -> int:
+        """Audio rows the NAR head gets for `encoder_frames`: one per `downsample_rate` frames."""
+        return encoder_frames // self.downsample_rate
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NARProjectorConfig:
@@ -156,17 +161,34 @@ class NAREncoder(ConformerEncoder):
     @torch.inference_mode()
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> NAREncoderOutput:
         """features [B, T, 160] right-padded, lengths [B] (encoder frames) -> NAREncoderOutput."""
-        out = self(features.to(self.input_linear.weight.dtype), lengths, keep_hidden_states=True)
-        # The reference takes the blank probability in float32 whatever the model dtype.
-        blank_prob = torch.softmax(out.self_conditioning_logits.float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
-        drafts = self.draft(out.last_hidden_state, blank_prob, lengths)
-        stacked = torch.cat([out.hidden_states[i] for i in self.layer_indices], dim=-1)  # [B, T, 4*D]
+        stacked, ids, pooled_lengths = self.forward_draft(features.to(self.input_linear.weight.dtype), lengths)
+        drafts = ctc_collapse_segments(ids, pooled_lengths.tolist(), self.blank)
         return NAREncoderOutput([stacked[b, :n] for b, n in enumerate(lengths.tolist())], drafts)
 
-    def draft(self, hidden: torch.Tensor, blank_prob: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-        """hidden [B, T, D], blank_prob [B, T] -> greedy BPE CTC ids per utterance."""
-        rows, pooled_lengths = pooled_rows(hidden, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window)
-        return ctc_collapse_segments(self.out_bpe(rows).argmax(dim=-1), pooled_lengths, self.blank)
+    def forward_draft(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`encode` before the CTC collapse, tensors only (the export traces it).
+
+        features [B, T, 160] in the model dtype, lengths [B] -> projector input [B, T, L*D],
+        BPE argmax of every valid pooled frame [sum P_i], pooled lengths P_i [B].
+        """
+        out = self(features, lengths, keep_hidden_states=True)
+        # The reference takes the blank probability in float32 whatever the model dtype.
+        blank_prob = torch.softmax(out.self_conditioning_logits.float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
+        stacked = torch.cat([out.hidden_states[i] for i in self.layer_indices], dim=-1)  # [B, T, 4*D]
+        rows, pooled_lengths = pooled_rows(
+            out.last_hidden_state, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window
+        )
+        return stacked, self.out_bpe(rows).argmax(dim=-1), pooled_lengths
+
+    def encode_utterances(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+        """[T_i, 160] per utterance -> (projector input [T_i, L*D], draft ids) per utterance, batch-invariant;
+        utterances of similar length share a forward."""
+
+        def run(group: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+            out = self.encode(*pad_batch(group))
+            return list(zip(out.projector_inputs, out.drafts, strict=True))
+
+        return run_in_length_groups(features, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +294,7 @@ class NARProjector(nn.Module):
         per_utterance = [split_windows(h, cfg.block_size) for h in x.split([u.shape[0] for u in utterances])]
         rows = self.summarise_windows(torch.cat(per_utterance))  # [N, Q, D_llm], N = sum ceil(T_i / block)
         rows = rows.split([w.shape[0] for w in per_utterance])
-        keep = [u.shape[0] // cfg.downsample_rate for u in utterances]
+        keep = [cfg.rows(u.shape[0]) for u in utterances]
         return [r.reshape(-1, cfg.llm_dim)[:n] for r, n in zip(rows, keep, strict=True)]
 
 
@@ -280,11 +302,27 @@ class NARProjector(nn.Module):
 # Stage 3: bidirectional Granite over [audio rows ; insertion slots], packed
 
 
-def insertion_slots(draft: list[int], blank: int, min_slots: int) -> list[int]:
-    """[a, b] -> [_, a, _, b, _] padded with blanks to at least `min_slots`: max(2n + 1, min_slots) ids."""
-    slots = [blank] * max(2 * len(draft) + 1, min_slots)
-    slots[1 : 2 * len(draft) : 2] = draft
+def slot_counts(draft_lengths: torch.Tensor, min_slots: int) -> torch.Tensor:
+    """Insertion slots per draft of n tokens: max(2n + 1, min_slots)."""
+    return torch.clamp(2 * draft_lengths + 1, min=min_slots)
+
+
+def insertion_slot_ids(
+    drafts: torch.Tensor, draft_lengths: torch.Tensor, slot_lengths: torch.Tensor, blank: int
+) -> torch.Tensor:
+    """Packed drafts [sum n] -> packed slots [sum S]: [_, a, _, b, _, ...] per draft, blanks up to its slot count."""
+    slots = torch.full([int(slot_lengths.sum())], blank, dtype=torch.long, device=drafts.device)
+    owner, position = ragged_index(draft_lengths)
+    starts = torch.cumsum(slot_lengths, 0) - slot_lengths
+    slots[starts[owner] + 2 * position + 1] = drafts
     return slots
+
+
+def insertion_slots(draft: list[int], blank: int, min_slots: int) -> list[int]:
+    """[a, b] -> [_, a, _, b, _] padded with blanks to at least `min_slots`: one draft, as a list."""
+    lengths = torch.tensor([len(draft)])
+    ids = torch.tensor(draft, dtype=torch.long)
+    return insertion_slot_ids(ids, lengths, slot_counts(lengths, min_slots), blank).tolist()
 
 
 @dataclass(frozen=True)
@@ -299,9 +337,7 @@ class PackedLayout:
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device) -> PackedLayout:
         sizes = torch.tensor(lengths, dtype=torch.long, device=device)
-        sequence_ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)  # [sum L]
-        starts = sizes.cumsum(0) - sizes
-        position_ids = torch.arange(int(sizes.sum()), device=device) - starts[sequence_ids]
+        sequence_ids, position_ids = ragged_index(sizes)  # [sum L] each
         cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
         return cls(position_ids[None], sequence_ids[None], cu_seqlens, max(lengths))
 
@@ -313,22 +349,6 @@ class PackedLayout:
             "max_length_q": self.max_length,
             "max_length_k": self.max_length,
         }
-
-
-def pack_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive indices grouped so that each group's total length stays within `budget`.
-
-    A sequence longer than the budget gets a group of its own.
-    """
-    groups: list[list[int]] = []
-    total = budget + 1
-    for index, length in enumerate(lengths):
-        if total + length > budget:
-            groups.append([])
-            total = 0
-        groups[-1].append(index)
-        total += length
-    return groups
 
 
 class NARLanguageModel(nn.Module):
@@ -351,15 +371,14 @@ class NARLanguageModel(nn.Module):
         self.min_slots = cfg.min_edit_sequence_length
         self.logits_scaling = float(config.logits_scaling)
 
-    def packed_hidden(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-        """[L_i, D] input embeddings per sequence -> [L_i, D] final hidden states, in one packed pass.
+    def packed_hidden(self, sequences: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Input embeddings of sequences end to end [sum L, D] -> final hidden states [sum L, D], one pass.
 
         The sequences share one row [1, sum L, D] with positions restarting at 0 and a block-diagonal
         bidirectional mask (built by transformers for the configured attention backend), so no
         padding is computed; flash-attention backends use `cu_seqlens` instead of the mask.
         """
-        lengths = [s.shape[0] for s in sequences]
-        embeds = torch.cat(sequences).unsqueeze(0)  # [1, sum L, D]
+        embeds = sequences.unsqueeze(0)  # [1, sum L, D]
         layout = PackedLayout.from_lengths(lengths, embeds.device)
         mask = create_bidirectional_mask(
             config=self.model.config,
@@ -374,24 +393,35 @@ class NARLanguageModel(nn.Module):
             use_cache=False,
             **layout.varlen_kwargs(),
         ).last_hidden_state  # [1, sum L, D]
-        return list(hidden[0].split(lengths))
+        return hidden[0]
 
     @torch.inference_mode()
     def slot_logits(
         self, audio: list[torch.Tensor], drafts: list[list[int]], pack_budget: int = PACK_TOKEN_BUDGET
     ) -> list[torch.Tensor]:
-        """audio rows [A_i, D] and draft ids per utterance -> logits [S_i, vocab] on its insertion slots."""
+        """audio rows [A_i, D] and draft ids per utterance -> logits [S_i, vocab] on its insertion slots.
+
+        Requests are packed into rows of at most `pack_budget` tokens; the exported head runs the same
+        functions (slot_counts, insertion_slot_ids, join_segments, pack_groups, take_second).
+        """
         embed = self.model.embed_tokens
-        slots = [insertion_slots(d, self.blank, self.min_slots) for d in drafts]
-        slot_ids = torch.tensor([t for s in slots for t in s], device=embed.weight.device)  # [sum S]
-        slot_embeds = embed(slot_ids).split([len(s) for s in slots])  # [S_i, D] each
-        sequences = [torch.cat([a.to(embed.weight.dtype), s]) for a, s in zip(audio, slot_embeds, strict=True)]
-        hidden: dict[int, torch.Tensor] = {}
-        for group in pack_groups([s.shape[0] for s in sequences], pack_budget):
-            hidden.update(zip(group, self.packed_hidden([sequences[i] for i in group]), strict=True))
-        slot_hidden = torch.cat([hidden[i][a.shape[0] :] for i, a in enumerate(audio)])  # [sum S, D]
+        device = embed.weight.device
+        audio_lengths = torch.tensor([a.shape[0] for a in audio], device=device)
+        draft_lengths = torch.tensor([len(d) for d in drafts], device=device)
+        draft_ids = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=device)  # [sum n]
+        slot_lengths = slot_counts(draft_lengths, self.min_slots)  # [B]
+        slots = embed(insertion_slot_ids(draft_ids, draft_lengths, slot_lengths, self.blank))  # [sum S, D]
+        audio_rows = torch.cat(audio).to(embed.weight.dtype)  # [sum A, D]
+        sequences = join_segments(audio_rows, audio_lengths, slots, slot_lengths)  # [sum L, D]
+        lengths = (audio_lengths + slot_lengths).tolist()
+        groups = pack_groups(lengths, pack_budget)  # consecutive requests per packed row
+        rows = sequences.split([sum(lengths[i] for i in group) for group in groups])
+        hidden = torch.cat(
+            [self.packed_hidden(row, [lengths[i] for i in group]) for row, group in zip(rows, groups, strict=True)]
+        )  # [sum L, D]
+        slot_hidden = take_second(hidden, audio_lengths, slot_lengths)  # [sum S, D]
         logits = F.linear(slot_hidden, embed.weight) / self.logits_scaling  # [sum S, vocab]
-        return list(logits.split([len(s) for s in slots]))
+        return list(logits.split(slot_lengths.tolist()))
 
     @torch.inference_mode()
     def forward(
@@ -460,21 +490,15 @@ def load_nar_encoder(
     checkpoint: Path, cfg: NARModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> NAREncoder:
     """The encoder stage with the checkpoint's `encoder.*` tensors (older BPE head converted)."""
-    tensors = read_tensors(Path(checkpoint), "encoder.")
-    if cfg.legacy_bpe_head:
-        tensors = convert_legacy_bpe_head(tensors, cfg)
-    encoder = NAREncoder(cfg)
-    load_into(encoder, tensors, "encoder.")
-    return encoder.to(device=device, dtype=dtype).eval()
+    convert = (lambda tensors: convert_legacy_bpe_head(tensors, cfg)) if cfg.legacy_bpe_head else None
+    return load_module(lambda: NAREncoder(cfg), checkpoint, "encoder.", device, dtype, convert)
 
 
 def load_nar_projector(
     checkpoint: Path, cfg: NARModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> NARProjector:
     """The projector stage with the checkpoint's `projector.*` tensors."""
-    projector = NARProjector(cfg.projector, cfg.audio_divisor)
-    load_into(projector, read_tensors(Path(checkpoint), "projector."), "projector.")
-    return projector.to(device=device, dtype=dtype).eval()
+    return load_module(lambda: NARProjector(cfg.projector, cfg.audio_divisor), checkpoint, "projector.", device, dtype)
 
 
 def load_nar_language_model(
@@ -484,11 +508,8 @@ def load_nar_language_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
 ) -> NARLanguageModel:
-    """The LLM head stage with the checkpoint's `language_model.model.*` tensors."""
-    prefix = "language_model.model."
-    language_model = NARLanguageModel(cfg, attn_implementation)
-    load_into(language_model.model, read_tensors(Path(checkpoint), prefix), prefix)
-    return language_model.to(device=device, dtype=dtype).eval()
+    """The LLM head stage with the checkpoint's `language_model.model.*` tensors (its only ones: tied head)."""
+    return load_module(lambda: NARLanguageModel(cfg, attn_implementation), checkpoint, "language_model.", device, dtype)
 
 
 def load_nar_model(

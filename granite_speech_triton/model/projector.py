@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-from .config import ARProjectorConfig
-from .weights import load_component
+from .config import ARModelConfig, ARProjectorConfig, read_config_json
+from .weights import load_module
+
+if TYPE_CHECKING:
+    from .nar import NARProjectorConfig
 
 
 def split_windows(hidden: torch.Tensor, window: int) -> torch.Tensor:
@@ -29,7 +33,17 @@ def split_windows(hidden: torch.Tensor, window: int) -> torch.Tensor:
 
 def num_audio_tokens(encoder_frames: int, cfg: ARProjectorConfig) -> int:
     """Projector rows (= audio tokens in the prompt) for an utterance of `encoder_frames`."""
-    return cfg.num_queries * math.ceil(encoder_frames / cfg.window_size)
+    return cfg.rows(encoder_frames)
+
+
+def projector_config(checkpoint: Path, variant: str) -> ARProjectorConfig | NARProjectorConfig:
+    """The checkpoint's projector config (variant 'ar' or 'nar'); its `rows(frames)` counts the audio
+    rows the projector makes of `frames` encoder frames (the AUDIO_ROWS the feature extractor announces)."""
+    from .nar import load_nar_config  # nar.py imports this module
+
+    if variant == "nar":
+        return load_nar_config(checkpoint).projector
+    return ARModelConfig.from_dict(read_config_json(checkpoint)).projector
 
 
 class QFormerProjector(nn.Module):
@@ -56,5 +70,4 @@ def load_projector(
     checkpoint: Path, cfg: ARProjectorConfig, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> QFormerProjector:
     """A QFormerProjector with the checkpoint's `projector.*` tensors, in eval mode."""
-    projector = load_component(QFormerProjector(cfg), checkpoint, "projector.")
-    return projector.to(device=device, dtype=dtype).eval()
+    return load_module(lambda: QFormerProjector(cfg), checkpoint, "projector.", device, dtype)

@@ -1,9 +1,20 @@
-"""Checkpoint resolution and strict, prefix-scoped safetensors loading."""
+"""Checkpoint resolution and strict, prefix-scoped safetensors loading.
+
+Loading is lean: a module is built with its parameters on the meta device (no memory, no random
+init) and the checkpoint's tensors are read straight into the serving device and dtype, so a 2B
+LLM costs one copy of its weights, on the device that serves it, and no initialisation time.
+On the CPU, tensors already in the serving dtype stay mapped from the safetensors file (pages are
+read on first use and shared between processes): do not rewrite a checkpoint in place while a
+server uses it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -45,22 +56,33 @@ def safetensors_files(checkpoint: Path, filename: str = "model.safetensors") -> 
         return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
-def read_tensors(checkpoint: Path, prefix: str, filename: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    """All tensors whose names start with `prefix`, with the prefix removed."""
+def read_tensors(
+    checkpoint: Path,
+    prefix: str,
+    filename: str = "model.safetensors",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """All tensors whose names start with `prefix`, with the prefix removed, read onto `device`.
+
+    With `dtype`, floating tensors are converted one by one as they are read.
+    """
     by_file: dict[Path, list[str]] = {}
     for key, file in safetensors_files(checkpoint, filename).items():
         if key.startswith(prefix):
             by_file.setdefault(file, []).append(key)
     tensors: dict[str, torch.Tensor] = {}
     for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with safe_open(file, framework="pt", device=str(device)) as f:
             for key in keys:
-                tensors[key[len(prefix) :]] = f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                tensors[key[len(prefix) :]] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
     return tensors
 
 
 def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    """Copy `tensors` into `module`, failing with the offending key on any mismatch.
+    """Put `tensors` into `module` (the tensors themselves, not copies), failing with the offending key
+    on any mismatch.
 
     `prefix` only names keys in messages (the checkpoint's full key names).
     """
@@ -76,13 +98,53 @@ def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) 
             raise CheckpointError(
                 f"tensor '{prefix}{key}' has shape {list(tensor.shape)}, the config implies {list(expected[key].shape)}"
             )
-    module.load_state_dict(tensors, strict=False)
+    module.load_state_dict(tensors, strict=False, assign=True)
 
 
-def load_component(module: nn.Module, checkpoint: Path, prefix: str, filename: str = "model.safetensors") -> nn.Module:
-    """Load the checkpoint tensors under `prefix` (e.g. 'encoder.') into `module`."""
-    load_into(module, read_tensors(checkpoint, prefix, filename), prefix)
-    return module
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device: no memory, and initialisation
+    costs nothing. Buffers are built as usual, so values that a module computes at construction
+    (rotary frequencies, relative-position tables) stay right. Not thread-safe: it swaps
+    `nn.Module.register_parameter` while the block runs.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_module(
+    build: Callable[[], M],
+    checkpoint: Path,
+    prefix: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    filename: str = "model.safetensors",
+) -> M:
+    """`build()` with the checkpoint's tensors under `prefix` (e.g. 'encoder.'), on `device`, in eval mode.
+
+    Parameters and checkpoint buffers arrive in `dtype` (floating ones); buffers the module computes
+    itself keep the dtype it gave them, as in transformers' `from_pretrained` (rotary frequencies
+    stay float32). `convert` rewrites the tensors before loading (older checkpoint layouts).
+    """
+    with parameters_on_meta():
+        module = build()
+    tensors = read_tensors(Path(checkpoint), prefix, filename, device, dtype)
+    load_into(module, convert(tensors) if convert else tensors, prefix)
+    return module.to(device).eval()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -164,7 +164,7 @@ class EngineFrontend:
             delivery = Delivery(sender)
             seq = self.decoder.sequence(
                 options,
-                sequence_input(request, "AUDIO_EMBEDS"),
+                sequence_input(request, "AUDIO_EMBEDS").clone(),  # the engine keeps it past `execute`
                 self._draft(request),
                 stream=bool(control.get("stream", False)),
                 key=str(control.get("key", "")),

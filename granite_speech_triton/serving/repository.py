@@ -19,6 +19,7 @@ ENSEMBLE_TEMPLATES = PROJECT_ROOT / "ensemble"
 VARIANTS = ("ar", "nar")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+TRITON_FLOAT_TYPES = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
 BACKENDS = ("python", "libtorch")
 SCHEDULERS = ("inflight", "static")
 CHOICES = {"device": DEVICES, "dtype": DTYPES, "scheduler": SCHEDULERS, "backend": BACKENDS}
@@ -91,6 +92,11 @@ class DeploySettings:
     def template_values(self) -> dict[str, str]:
         values = {k: str(v) for k, v in asdict(self).items()}
         values["instance_kind"] = "KIND_GPU" if self.device == "cuda" else "KIND_CPU"
+        # Float tensors between steps: the serving dtype on GPUs (kept in GPU memory), FP32 on the host.
+        # Exported libtorch modules exchange FP32 (their contract), so their neighbours do too.
+        on_gpu = self.device == "cuda"
+        values["float_type"] = TRITON_FLOAT_TYPES[self.dtype] if on_gpu and self.backend == "python" else "TYPE_FP32"
+        values["cpu_only_inputs"] = "no" if on_gpu else "yes"
         # the exported (libtorch) AR encoder makes no CTC draft
         values["ar_draft_outputs"] = "" if self.backend == "libtorch" else "DRAFT_IDS,DRAFT_ENTROPY"
         return values
@@ -118,6 +124,13 @@ STREAMING = {"ar": "granite_speech_stream"}  # the decoupled entry that streams 
 # every ensemble template a variant renders (ar_encode is the first half of granite_speech,
 # also called by granite_speech_stream)
 ENSEMBLE_FOLDERS = {"ar": ("ar_encode", "granite_speech"), "nar": ("granite_speech_nar",)}
+
+
+def variant_checkpoint(settings: DeploySettings, variant: str) -> dict[str, str]:
+    """`${checkpoint}` and `${revision}` of a template shared by both variants."""
+    if variant == "nar":
+        return {"checkpoint": settings.nar_checkpoint, "revision": settings.nar_revision}
+    return {"checkpoint": settings.ar_checkpoint, "revision": ""}
 
 
 def fill(template: Path, values: dict[str, str]) -> str:
@@ -180,7 +193,7 @@ def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARI
     base = settings.template_values()
     for variant in variants:
         for name, (component, template, extra) in MODELS[variant].items():
-            values = {**base, **extra, "model_name": name, "variant": variant}
+            values = {**base, **extra, "model_name": name, "variant": variant, **variant_checkpoint(settings, variant)}
             render_model(name, component, template, values, settings, models_dir)
         for ensemble in ENSEMBLE_FOLDERS[variant]:
             render_ensemble(ensemble, {**base, "model_name": ensemble}, settings, ensemble_dir)

@@ -3,11 +3,19 @@
 The wheel ships the server binary, the Python backend and one stub per Python version. We build
 a backend directory of our own in `build/` (links to the shared library and utilities, plus the
 stub matching this interpreter) instead of writing into site-packages.
+
+Everything that starts a server (serve, demo, bench, the tests) goes through this module, so that
+they share its checks and messages: the ports are checked before anything loads (a busy port is
+one line naming it), and the start is reported model by model from the server's log (READY with
+its seconds, or the first line of its error), while the log file keeps every line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,10 +23,33 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_TIMEOUT_S = 600.0
+POLL_S = 0.5  # how often a start is checked on (log, process, readiness)
+# Options for a host without an NVIDIA GPU. GPU metrics need NVML and DCGM, the pinned host memory
+# pool needs the CUDA driver: without them the server logs errors about both at every start.
+CPU_HOST_OPTIONS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
+PORTS_HINT = (
+    "choose free ones with HTTP_PORT=, GRPC_PORT=, METRICS_PORT= (make) or --http-port, --grpc-port, --metrics-port"
+)
+
+Report = Callable[[str], None]  # receives one line for a person at a terminal
+
+
+def say(line: str) -> None:
+    """A Report to the terminal, flushed at once (the next line may be a minute away)."""
+    print(line, flush=True)
+
+
+class PortError(RuntimeError):
+    """A port the server needs is taken (or cannot be bound): the message is one line naming it."""
+
+
+class ServerStartError(RuntimeError):
+    """The server exited while starting: the message names what failed and where the log is."""
 
 
 def pytriton_root() -> Path:
@@ -55,6 +86,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU: its driver creates /dev/nvidia0, /dev/nvidia1, ..."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def bind_error(address: str, port: int) -> OSError | None:
+    """Why a server could not listen on address:port now (None: it could).
+
+    SO_REUSEADDR as servers set it: a port that only has connections of a stopped server waiting
+    out TIME_WAIT is free; one that something listens on (on this address or on all) is not.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def check_ports(address: str, ports: Mapping[str, int]) -> None:
+    """Raise PortError (one line) unless every port of {name: port} is distinct and free on `address`."""
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if port in seen:
+            raise PortError(f"the {seen[port]} and {name} ports are both {port}; {PORTS_HINT}")
+        seen[port] = name
+        error = bind_error(address, port)
+        if error is not None and error.errno == errno.EADDRINUSE:
+            raise PortError(f"{name} port {port} on {address} is already in use (another server?); {PORTS_HINT}")
+        if error is not None:
+            raise PortError(f"cannot listen on {name} port {port} on {address}: {error.strerror}; {PORTS_HINT}")
+
+
 @dataclass
 class ServerOptions:
     """How to start one tritonserver process."""
@@ -71,6 +137,11 @@ class ServerOptions:
     tritonserver: Path | None = None  # default: the nvidia-pytriton binary
     backend_directory: Path | None = None  # default: built from the nvidia-pytriton wheel
     backend_config: list[str] = field(default_factory=list)  # e.g. python,shm-default-byte-size=67108864
+    extra_args: list[str] = field(default_factory=list)  # other tritonserver options (--cuda-memory-pool-byte-size)
+    gpu: bool | None = None  # None: detect; False adds CPU_HOST_OPTIONS
+
+    def ports(self) -> dict[str, int]:
+        return {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
 
     def command(self) -> list[str]:
         binary = self.tritonserver or pytriton_root() / "bin" / "tritonserver"
@@ -83,13 +154,17 @@ class ServerOptions:
             f"--metrics-port={self.metrics_port}",
             f"--http-address={self.address}",
             f"--grpc-address={self.address}",
+            f"--metrics-address={self.address}",
             f"--model-control-mode={self.model_control_mode}",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ]
+        if not (gpu_present() if self.gpu is None else self.gpu):
+            cmd += CPU_HOST_OPTIONS
         cmd += [f"--backend-config={value}" for value in self.backend_config]
         cmd += [f"--load-model={name}" for name in self.load_models]
+        cmd += self.extra_args
         return cmd
 
     def environment(self) -> dict[str, str]:
@@ -116,30 +191,116 @@ class ServerOptions:
 
 
 def start(options: ServerOptions, log_path: Path) -> subprocess.Popen:
-    """Start tritonserver in the background, logging to `log_path`."""
+    """Start tritonserver in the background, logging to `log_path`; raises PortError first if a port is taken."""
+    check_ports(options.address, options.ports())
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("wb")
-    return subprocess.Popen(
-        options.command(), stdout=log, stderr=subprocess.STDOUT, env=options.environment(), start_new_session=True
-    )
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            options.command(), stdout=log, stderr=subprocess.STDOUT, env=options.environment(), start_new_session=True
+        )
 
 
-def wait_ready(http_port: int, process: subprocess.Popen, log_path: Path, timeout: float = READY_TIMEOUT_S) -> None:
-    """Block until /v2/health/ready answers 200; raise with the log's tail if the server dies."""
+# Triton's log lines for a model's load (glog prefix, then the quoted message, newlines escaped as \n).
+LOADED = re.compile(r"\] \"successfully loaded '(?P<model>[^']+)'\"")
+FAILED = re.compile(r"\] \"failed to load '(?P<model>[^']+)' version \d+: (?P<error>.*)\"$")
+# The last endpoint Triton starts (after every model loaded; gRPC, then HTTP, then metrics): from
+# then on it listens on all its ports. A port taken meanwhile ends the server before this line.
+ENDPOINTS_STARTED = re.compile(r"\] \"Started Metrics Service at ")
+ERROR = re.compile(r"^(?:E\d{4} [\d:.]+ +\d+ [^\]]+\] \"(?P<message>.*)\"|error: (?P<fatal>.*))$")
+
+
+@dataclass
+class StartupProgress:
+    """Follows a starting server's log and reports each model as it becomes READY or fails to load."""
+
+    log_path: Path
+    report: Report
+    started: float = field(default_factory=time.monotonic)
+    ready: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # model -> first line of its error
+    last_error: str = ""  # the log's latest error line (the cause when no model failed)
+    listening: bool = False  # this server listens on its ports (not another one started beside it)
+    _offset: int = 0
+
+    def poll(self) -> None:
+        """Read the complete lines the log gained since the last call."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._offset)
+            chunk = log.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            self.line(line)
+
+    def line(self, line: str) -> None:
+        seconds = time.monotonic() - self.started
+        if loaded := LOADED.search(line):
+            self.ready.append(loaded["model"])
+            self.report(f"  {loaded['model']:<24} READY   {seconds:6.1f} s")
+        elif failed := FAILED.search(line):
+            first = failed["error"].split("\\n")[0].strip()
+            self.failed[failed["model"]] = first
+            self.report(f"  {failed['model']:<24} FAILED  {seconds:6.1f} s: {first} (log: {self.log_path})")
+        self.listening = self.listening or ENDPOINTS_STARTED.search(line) is not None
+        if error := ERROR.match(line):
+            self.last_error = (error["message"] or error["fatal"]).split("\\n")[0].strip()
+
+    def failure(self, exit_code: int) -> ServerStartError:
+        """What to tell a person when the server exited before it was ready."""
+        if self.failed:
+            cause = f"{len(self.failed)} model(s) failed to load: {', '.join(self.failed)}"
+        else:
+            cause = self.last_error or "no error in its log"
+        return ServerStartError(f"tritonserver exited with code {exit_code}: {cause}; log: {self.log_path}")
+
+    def done(self) -> None:
+        self.report(f"server ready: {len(self.ready)} models in {time.monotonic() - self.started:.1f} s")
+
+
+def is_ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(
+    http_port: int,
+    process: subprocess.Popen,
+    log_path: Path,
+    timeout: float = READY_TIMEOUT_S,
+    report: Report | None = None,
+) -> None:
+    """Block until /v2/health/ready answers 200, reporting each model's load to `report` (if given).
+
+    Raises ServerStartError (naming the models that failed and the log) if the server exits first.
+    """
+    progress = StartupProgress(log_path, report or (lambda _line: None))
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{http_port}/v2/health/ready"
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"tritonserver exited with code {process.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
+        exit_code = process.poll()
+        progress.poll()
+        if exit_code is not None:
+            raise progress.failure(exit_code)
+        if progress.listening and is_ready(http_port):
+            progress.done()
+            return
+        time.sleep(POLL_S)
     raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s; see {log_path}")
+
+
+@contextlib.contextmanager
+def running(options: ServerOptions, log_path: Path, report: Report = say) -> Iterator[subprocess.Popen]:
+    """Start the server, report its start, yield the process once it is ready, stop it on exit."""
+    ports = ", ".join(f"{name} {port}" for name, port in options.ports().items())
+    process = start(options, log_path)
+    report(f"starting tritonserver on {options.address} ({ports}; log: {log_path})")
+    try:
+        wait_ready(options.http_port, process, log_path, report=report)
+        yield process
+    finally:
+        stop(process)
 
 
 def stop(process: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -11,6 +11,12 @@ error guarantees hold by construction, whatever an adapter's code raises:
   for `RequestError`, INTERNAL otherwise;
 - an `encode` failure is that one request's INTERNAL error.
 No exception escapes `execute`: Triton would fail the whole batch with it.
+
+Placement happens in one place: the loop moves every decoded tensor to the model's device and
+dtype (`BatchAdapter.run`) before `predict`, so model code never sees host tensors on a GPU.
+Between steps, a tensor on a GPU travels by DLPack and stays there, in the dtype the config
+declares (the serving dtype; render sets FORCE_CPU_ONLY_INPUT_TENSORS=no); host tensors travel
+as numpy arrays, float32 on the wire.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils import dlpack
 
 from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.prompts import (
@@ -34,8 +41,10 @@ from granite_speech_triton.model.prompts import (
     parse_keywords,
 )
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
+from granite_speech_triton.serving.placement import place
 
 log = logging.getLogger("granite_speech_triton")
+FLOAT_TYPES = {"TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16}
 
 
 def model_parameters(args: dict[str, str]) -> dict[str, str]:
@@ -113,7 +122,14 @@ def request_options(request) -> SpeechRequest:
 
 
 def sequence_input(request, name: str) -> torch.Tensor:
-    """A required [1, T, ...] float input as a float32 tensor [T, ...]."""
+    """A required [1, T, ...] float input as a tensor [T, ...]: float32 from host memory, or the GPU
+    tensor itself (DLPack, no copy, in the dtype it was sent in)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is not None and not tensor.is_cpu():
+        value = dlpack.from_dlpack(tensor.to_dlpack())
+        if value.shape[0] != 1:
+            raise RequestError(f"{name} must carry one item per request (batch dimension 1), got {list(value.shape)}")
+        return value[0]
     value = single_item(request, name)
     if value is None:
         raise RequestError(f"missing input {name}")
@@ -121,7 +137,12 @@ def sequence_input(request, name: str) -> torch.Tensor:
 
 
 def tensor_output(name: str, value: torch.Tensor | np.ndarray, dtype=np.float32) -> pb_utils.Tensor:
-    """An output tensor with the batch dimension added back."""
+    """An output tensor with the batch dimension added back. A float torch tensor on a GPU leaves by
+    DLPack and stays there, in `dtype` (a torch dtype); anything else becomes a numpy array."""
+    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+        value = value.detach().to(dtype)[None].contiguous()
+        torch.cuda.current_stream(value.device).synchronize()  # the consumer reads it from another process
+        return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(value))
     array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
     return pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=dtype)[None])
 
@@ -194,32 +215,42 @@ class StageSettings:
     params: dict[str, str]
     device: torch.device
     dtype: torch.dtype
+    float_outputs: dict[str, torch.dtype]  # float outputs -> the type the config declares (the wire type)
 
     def checkpoint(self) -> Path:
         return resolve_checkpoint(self.params["checkpoint"], self.params.get("revision") or None)
 
 
 def stage_settings(args: dict[str, str]) -> StageSettings:
-    """A model instance's parameters, device and dtype, with its torch threads configured."""
+    """A model instance's parameters, device, dtype and float output types; torch threads configured."""
     params = model_parameters(args)
     configure_threads(params)
-    return StageSettings(params, torch_device(args, params["device"]), parse_dtype(params.get("dtype", "float32")))
+    outputs = json.loads(args["model_config"]).get("output", [])
+    float_outputs = {o["name"]: FLOAT_TYPES[o["data_type"]] for o in outputs if o["data_type"] in FLOAT_TYPES}
+    device, dtype = torch_device(args, params["device"]), parse_dtype(params.get("dtype", "float32"))
+    return StageSettings(params, device, dtype, float_outputs)
 
 
 class BatchAdapter:
     """Base of every `TritonPythonModel`: per-request errors around one batched predict.
 
-    Subclasses call `setup(args)` first in `initialize`.
+    Subclasses call `setup(args)` first in `initialize`, and warm up through `run`.
     """
 
     batch_fill: Counter | None = None
     rejected: Counter | None = None
     split_batches: Counter | None = None
+    stage: StageSettings
 
     def setup(self, args: dict[str, str]) -> StageSettings:
         """Parameters, device and dtype; torch threads configured; batch metrics exported."""
         self.init_metrics(args)
-        return stage_settings(args)
+        self.stage = stage_settings(args)
+        return self.stage
+
+    def float_output(self, name: str, value: torch.Tensor) -> pb_utils.Tensor:
+        """A float output in the type its config declares (host: float32 numpy; GPU: DLPack)."""
+        return tensor_output(name, value, self.stage.float_outputs[name] if value.is_cuda else np.float32)
 
     def init_metrics(self, args: dict[str, str]) -> None:
         model = args["model_name"]
@@ -239,6 +270,11 @@ class BatchAdapter:
 
     def encode(self, output: Any) -> pb_utils.InferenceResponse:
         raise NotImplementedError
+
+    def run(self, inputs: list[Any]) -> list[Any]:
+        """`predict` on the inputs moved to the model's device and dtype: the one place where a
+        request's tensors are placed (warmups go through here too)."""
+        return self.predict([place(item, self.stage.device, self.stage.dtype) for item in inputs])
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
@@ -267,7 +303,7 @@ class BatchAdapter:
     def _predict_isolating_failures(self, inputs: list[Any]) -> list:
         """Predict the batch; if that raises, split it in halves until each failure stands alone."""
         try:
-            outputs = self.predict(inputs)
+            outputs = self.run(inputs)
         except Exception as exc:  # never let an exception escape execute
             if len(inputs) == 1:
                 return [failure_response(exc)]

@@ -34,7 +34,7 @@ def ar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list
     head = load_draft_head(checkpoint, cfg, device, dtype)
 
     def run(features: list[torch.Tensor]) -> list[Outputs]:
-        padded, lengths = pad_batch([f.to(device, dtype) for f in features])
+        padded, lengths = pad_batch(features)
         with torch.inference_mode():
             out = encoder(padded, lengths, keep_hidden_states=head is not None)
             drafts = ar_drafts(encoder, head, out, lengths) if head is not None else [NO_DRAFT] * len(features)
@@ -52,16 +52,10 @@ def ar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list
 
 def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
     encoder = load_nar_encoder(checkpoint, load_nar_config(checkpoint), device, dtype)
-
-    def run(features: list[torch.Tensor]) -> list[Outputs]:
-        padded, lengths = pad_batch([f.to(device) for f in features])
-        out = encoder.encode(padded, lengths)
-        return [
-            {"PROJECTOR_INPUT": x, "DRAFT_IDS": np.array(draft, dtype=np.int32)}
-            for x, draft in zip(out.projector_inputs, out.drafts, strict=True)
-        ]
-
-    return lambda features: run_in_length_groups(features, run)
+    return lambda features: [
+        {"PROJECTOR_INPUT": x, "DRAFT_IDS": np.array(draft, dtype=np.int32)}
+        for x, draft in encoder.encode_utterances(features)
+    ]
 
 
 ENCODERS = {"ar": ar_encoder, "nar": nar_encoder}
@@ -71,7 +65,7 @@ class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         stage = self.setup(args)
         self.encoder = ENCODERS[stage.params["variant"]](stage.checkpoint(), stage.device, stage.dtype)
-        self.predict([torch.randn(WARMUP_FRAMES, FEATURE_DIM)])
+        self.run([torch.randn(WARMUP_FRAMES, FEATURE_DIM)])
 
     def decode(self, request) -> torch.Tensor:
         return sequence_input(request, "FEATURES")
@@ -81,7 +75,9 @@ class TritonPythonModel(BatchAdapter):
 
     def encode(self, outputs: Outputs):
         tensors = [
-            tensor_output(name, value, np.int32 if name == "DRAFT_IDS" else np.float32)
+            self.float_output(name, value)
+            if isinstance(value, torch.Tensor)
+            else tensor_output(name, value, value.dtype)
             for name, value in outputs.items()
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)

@@ -32,7 +32,7 @@ class TritonPythonModel(BatchAdapter):
         self.head = load_nar_language_model(checkpoint, cfg, stage.device, stage.dtype)
         self.tokenizer = load_tokenizer(checkpoint)
         self.pack_budget = int(stage.params["pack_token_budget"])
-        self.predict([(torch.randn(WARMUP_ROWS, cfg.text["hidden_size"]), [1, 2, 3])])
+        self.run([(torch.randn(WARMUP_ROWS, cfg.text["hidden_size"]), [1, 2, 3])])
 
     def decode(self, request) -> tuple[torch.Tensor, list[int]] | Answered:
         if SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}")).silent:

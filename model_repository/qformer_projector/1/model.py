@@ -11,11 +11,7 @@ import triton_python_backend_utils as pb_utils
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.nar import load_nar_config, load_nar_projector
 from granite_speech_triton.model.projector import load_projector
-from granite_speech_triton.serving.triton_io import (
-    BatchAdapter,
-    sequence_input,
-    tensor_output,
-)
+from granite_speech_triton.serving.triton_io import BatchAdapter, sequence_input
 
 WARMUP_FRAMES = 250
 
@@ -39,15 +35,14 @@ class TritonPythonModel(BatchAdapter):
         stage = self.setup(args)
         load = PROJECTORS[stage.params["variant"]]
         self.projector, self.input_name, width = load(stage.checkpoint(), stage.device, stage.dtype)
-        self.predict([torch.randn(WARMUP_FRAMES, width)])
+        self.run([torch.randn(WARMUP_FRAMES, width)])
 
     def decode(self, request) -> torch.Tensor:
         return sequence_input(request, self.input_name)
 
     @torch.inference_mode()
     def predict(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        param = next(self.projector.parameters())
-        return self.projector([x.to(param.device, param.dtype) for x in inputs])
+        return self.projector(inputs)
 
     def encode(self, embeds: torch.Tensor):
-        return pb_utils.InferenceResponse(output_tensors=[tensor_output("AUDIO_EMBEDS", embeds)])
+        return pb_utils.InferenceResponse(output_tensors=[self.float_output("AUDIO_EMBEDS", embeds)])
