@@ -18,8 +18,9 @@ LOADTEST_VARIANT ?= ar
 LOADTEST_ARGS ?=
 BENCH_VARIANTS ?= ar,nar
 BENCH_ARGS ?=
+BENCH_ENGINE_ARGS ?= --modes greedy,beam,cascade,speculative --planted
 
-.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny loadtest gpu-check clean
+.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny real-checkpoint bench-engine loadtest gpu-check clean
 
 setup:  ## virtual environment with the pinned runtime dependencies and this project
 	scripts/install.sh $(VENV)
@@ -58,6 +59,12 @@ bench: setup-dev  ## transformers in-process vs Triton at 1/8/32 in flight -> bu
 
 bench-tiny: setup-dev  ## the benchmark on tiny random-weight checkpoints (CPU smoke run; the numbers mean little)
 	$(PY) -m granite_speech_triton.cli bench --tiny --variants $(BENCH_VARIANTS) $(PORTS) $(BENCH_ARGS)
+
+real-checkpoint: setup  ## random-weight AR checkpoint with the 2b's real dimensions in build/real-ar (~4.6 GB, ~1 min)
+	$(PY) -m granite_speech_triton.cli make-checkpoint --size real build/real-ar
+
+bench-engine: setup-dev  ## AR engine: in-process vs scheduler=static vs inflight, decoding modes -> build/bench-engine/engine_results.json
+	$(PY) -m granite_speech_triton.bench_engine --ar-checkpoint $(CHECKPOINT) $(BENCH_ENGINE_ARGS)
 
 loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`; prints RTFx
 	$(PY) -m loadtest.run --server 127.0.0.1:$(HTTP_PORT) --users 4 --spawn-rate 4 --run-time 20s \
