@@ -139,10 +139,12 @@ class NARModelConfig:
 
 @dataclass
 class NAREncoderOutput:
-    """Per utterance: the projector's input and the greedy BPE CTC draft (LLM token ids)."""
+    """Per utterance: the projector's input, the greedy BPE CTC draft (LLM token ids) and the pooled
+    rows it was read from (what the aligner reads again)."""
 
     projector_inputs: list[torch.Tensor]  # [T_i, num_encoder_layers * hidden_dim]
     drafts: list[list[int]]
+    pooled: list[torch.Tensor]  # [ceil(T_i / bpe_pooling_window), hidden_dim]
 
 
 class NAREncoder(ConformerEncoder):
@@ -159,14 +161,13 @@ class NAREncoder(ConformerEncoder):
         out = self(features.to(self.input_linear.weight.dtype), lengths, keep_hidden_states=True)
         # The reference takes the blank probability in float32 whatever the model dtype.
         blank_prob = torch.softmax(out.self_conditioning_logits.float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
-        drafts = self.draft(out.last_hidden_state, blank_prob, lengths)
+        rows, pooled_lengths = pooled_rows(
+            out.last_hidden_state, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window
+        )  # [sum P_i, D]
+        drafts = ctc_collapse_segments(self.out_bpe(rows).argmax(dim=-1), pooled_lengths, self.blank)
         stacked = torch.cat([out.hidden_states[i] for i in self.layer_indices], dim=-1)  # [B, T, 4*D]
-        return NAREncoderOutput([stacked[b, :n] for b, n in enumerate(lengths.tolist())], drafts)
-
-    def draft(self, hidden: torch.Tensor, blank_prob: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-        """hidden [B, T, D], blank_prob [B, T] -> greedy BPE CTC ids per utterance."""
-        rows, pooled_lengths = pooled_rows(hidden, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window)
-        return ctc_collapse_segments(self.out_bpe(rows).argmax(dim=-1), pooled_lengths, self.blank)
+        projector_inputs = [stacked[b, :n] for b, n in enumerate(lengths.tolist())]
+        return NAREncoderOutput(projector_inputs, drafts, list(rows.split(pooled_lengths)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +467,18 @@ def load_nar_encoder(
     encoder = NAREncoder(cfg)
     load_into(encoder, tensors, "encoder.")
     return encoder.to(device=device, dtype=dtype).eval()
+
+
+def load_nar_bpe_head(
+    checkpoint: Path, cfg: NARModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Linear:
+    """The encoder's BPE CTC head `out_bpe` alone (older layout converted), rows indexed by token id."""
+    tensors = {f"out_bpe.{k}": v for k, v in read_tensors(Path(checkpoint), "encoder.out_bpe.").items()}
+    if cfg.legacy_bpe_head:
+        tensors = convert_legacy_bpe_head(tensors, cfg)
+    head = nn.Linear(cfg.encoder.hidden_dim, cfg.vocab_size)
+    load_into(head, {k.removeprefix("out_bpe."): v for k, v in tensors.items()}, "encoder.out_bpe.")
+    return head.to(device=device, dtype=dtype).eval()
 
 
 def load_nar_projector(

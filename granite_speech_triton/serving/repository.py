@@ -105,12 +105,14 @@ MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
         "ar_llm_decoder": ("llm_decoder", "config.pbtxt", {}),
         "ar_llm_engine": ("llm_engine", "config.pbtxt", {}),
         "granite_speech_stream": ("stream_pipeline", "config.pbtxt", {}),
+        "ar_ctc_aligner": ("ctc_aligner", "config.pbtxt", {}),
     },
     "nar": {
         "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {}),
         "nar_conformer_encoder": ("conformer_encoder", "config.nar.pbtxt", {}),
         "nar_qformer_projector": ("qformer_projector", "config.nar.pbtxt", {}),
         "nar_head": ("nar_head", "config.pbtxt", {}),
+        "nar_ctc_aligner": ("ctc_aligner", "config.pbtxt", {}),
     },
 }
 ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}  # what clients call, per variant
@@ -118,6 +120,13 @@ STREAMING = {"ar": "granite_speech_stream"}  # the decoupled entry that streams 
 # every ensemble template a variant renders (ar_encode is the first half of granite_speech,
 # also called by granite_speech_stream)
 ENSEMBLE_FOLDERS = {"ar": ("ar_encode", "granite_speech"), "nar": ("granite_speech_nar",)}
+
+
+def checkpoint_values(settings: DeploySettings, variant: str) -> dict[str, str]:
+    """`${checkpoint}` and `${revision}` of a template shared by both variants."""
+    if variant == "nar":
+        return {"checkpoint": settings.nar_checkpoint, "revision": settings.nar_revision}
+    return {"checkpoint": settings.ar_checkpoint, "revision": ""}
 
 
 def fill(template: Path, values: dict[str, str]) -> str:
@@ -180,7 +189,7 @@ def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARI
     base = settings.template_values()
     for variant in variants:
         for name, (component, template, extra) in MODELS[variant].items():
-            values = {**base, **extra, "model_name": name, "variant": variant}
+            values = {**base, **extra, **checkpoint_values(settings, variant), "model_name": name, "variant": variant}
             render_model(name, component, template, values, settings, models_dir)
         for ensemble in ENSEMBLE_FOLDERS[variant]:
             render_ensemble(ensemble, {**base, "model_name": ensemble}, settings, ensemble_dir)
