@@ -31,7 +31,7 @@ from granite_speech_triton.model.audio import ar_encoder_length
 from granite_speech_triton.model.decoder import load_tokenizer
 from granite_speech_triton.synth import spoken_words
 
-WORDS = "the quick brown fox jumps over the lazy dog while the band plays on".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "band", "plays", "on"]
 FRAME_S = frame_seconds(4)
 
 
@@ -127,7 +127,9 @@ def planted_scores(tokenizer, bounds, frames: int, noise: float, seed: int) -> t
     return scores, ids
 
 
-@pytest.mark.parametrize(("noise", "max_error_s", "mean_error_s"), [(0.0, FRAME_S, FRAME_S / 2), (1.0, 2 * FRAME_S, 0.06)])
+@pytest.mark.parametrize(
+    ("noise", "max_error_s", "mean_error_s"), [(0.0, FRAME_S, FRAME_S / 2), (1.0, 2 * FRAME_S, 0.06)]
+)
 def test_word_times_on_synthesised_speech_with_known_boundaries(tokenizer, noise, max_error_s, mean_error_s):
     """Words within one 80 ms frame of the truth with a perfect head; within two, and 60 ms on
     average, when the head's best label is wrong on about half the frames."""
