@@ -414,6 +414,8 @@ def test_stitched_words_drop_what_the_overlap_heard_twice():
     words = stitch_words([first, second, third])
     assert [w.text for w in words] == [" a", " b", " c", "d", " e"]
     assert [w.start_s for w in words] == [1.0, 9.7, 11.0, 12.0, 20.5]
+    straddling = Piece(9.8, 20.0, "x", (7,), 0.1, words=(Word(" x", 9.9, 10.3, (7,)),))
+    assert [(w.start_s, w.end_s) for w in stitch_words([first, straddling])][-1] == (10.0, 10.3)
 
 
 @pytest.mark.server

@@ -64,7 +64,7 @@ class GraniteSpeechClient:
         self.fallback_max_audio_seconds = max_audio_seconds
         self.max_pieces_in_flight = max_pieces_in_flight
         self._pool = TransportPool(self.settings)
-        self._limits: dict[str, float] = {}
+        self._parameters_by_variant: dict[str, dict[str, str]] = {}
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -192,8 +192,18 @@ class GraniteSpeechClient:
 
     def max_audio_seconds(self, variant: str = "ar") -> float:
         """The server's audio limit for `variant` (its feature extractor's `max_audio_seconds`)."""
+        value = self._parameters(variant).get("max_audio_seconds", "")
+        return float(value) if value else self.fallback_max_audio_seconds
+
+    def max_new_tokens_limit(self, variant: str = "ar") -> int | None:
+        """The largest `max_new_tokens` the server takes for `variant` (None when its config does not say)."""
+        value = self._parameters(variant).get("max_new_tokens_limit", "")
+        return int(value) if value else None
+
+    def _parameters(self, variant: str) -> dict[str, str]:
+        """The `parameters` of the variant's feature extractor, read once."""
         check_variant(variant)
-        if variant not in self._limits:
+        if variant not in self._parameters_by_variant:
             model = FEATURE_EXTRACTORS[variant]
             try:
                 parameters = self._pool.get().model_parameters(model)
@@ -202,9 +212,8 @@ class GraniteSpeechClient:
                     f"variant {variant!r} is not served by {self.settings.url}: "
                     f"model {model!r} (part of ensemble {ENSEMBLES[variant]!r}) is not available ({exc})"
                 ) from exc
-            value = parameters.get("max_audio_seconds", "")
-            self._limits[variant] = float(value) if value else self.fallback_max_audio_seconds
-        return self._limits[variant]
+            self._parameters_by_variant[variant] = parameters
+        return self._parameters_by_variant[variant]
 
     def health(self) -> Health:
         """Server liveness and readiness, and the readiness of each ensemble."""
@@ -428,11 +437,16 @@ def timed_words(
 def stitch_words(pieces: Sequence[Piece]) -> tuple[Word, ...]:
     """The words of a split file's pieces in order. Each piece starts OVERLAP_S before the previous
     one's end, so a word heard by both is dropped from the later piece (its middle lies before the
-    previous piece's end); a later piece's first word is separated from the earlier text by a space."""
+    previous piece's end), and a kept word starts no earlier than that end (words never overlap); a
+    later piece's first word is separated from the earlier text by a space."""
     words: list[Word] = []
     previous_end = 0.0
     for piece in pieces:
-        kept = [w for w in piece.words if (w.start_s + w.end_s) / 2 >= previous_end]
+        kept = [
+            replace(w, start_s=max(w.start_s, previous_end))
+            for w in piece.words
+            if (w.start_s + w.end_s) / 2 >= previous_end
+        ]
         if words and kept and not kept[0].text[:1].isspace():
             kept[0] = replace(kept[0], text=" " + kept[0].text)
         words += kept
