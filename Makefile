@@ -5,6 +5,7 @@ CHECKPOINT ?= ibm-granite/granite-speech-4.1-2b
 NAR_CHECKPOINT ?= ibm-granite/granite-speech-4.1-2b-nar
 VARIANTS ?= ar
 AUDIO ?= samples/granite_speech_demo.wav
+API_PORT ?= 8080
 PYTEST_ARGS ?=
 # export on the GPU that serves the modules (they hold device constants)
 EXPORT_ARGS ?= --device cuda --dtype bfloat16
@@ -33,7 +34,9 @@ demo-tiny: setup  ## the main job on tiny random-weight checkpoints (meaningless
 	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint --nar build/tiny-nar
 	$(MAKE) demo CHECKPOINT=build/tiny-ar NAR_CHECKPOINT=build/tiny-nar VARIANTS=ar,nar
 
-serve: setup  ## tritonserver in the foreground on ports 8000/8001/8002
+serve: setup  ## tritonserver in the foreground on ports 8000/8001/8002, the OpenAI-compatible API on API_PORT beside it
+	$(PY) -m granite_speech_api --set triton_url=127.0.0.1:8001 --set port=$(API_PORT) & api=$$!; \
+	trap 'kill $$api 2>/dev/null' EXIT; \
 	$(PY) -m granite_speech_triton.cli serve --variants $(VARIANTS) \
 		--set ar_checkpoint=$(CHECKPOINT) --set nar_checkpoint=$(NAR_CHECKPOINT)
 
