@@ -163,6 +163,8 @@ def test_nar_labels_map_token_ids_onto_the_draft_head(tokenizer):
     spans = word_spans(token_bytes(tokenizer, ids))
     assert [w.start_s for w in words] == pytest.approx([(3 * a + 1) * FRAME_S for a, _ in spans])
     assert [w.end_s for w in words] == pytest.approx([(3 * (b - 1) + 2) * FRAME_S for _, b in spans])
+    aligner.head.to(torch.bfloat16)  # the GPU's dtype: float32 rows in, the same words out
+    assert aligner.align(scores, ids) == words
 
 
 def test_more_tokens_than_frames_split_the_frames(tokenizer):

@@ -192,7 +192,8 @@ class CTCAligner:
         index = {label: i for i, label in enumerate(columns)}
         targets = [index[label] for label in labels]
         weight, bias = self.head.weight[columns], self.head.bias[columns]
-        scores = F.linear(rows.to(weight.dtype), weight, bias).float()  # [P, 1 + U]
+        # [P, 1 + U]; the Viterbi runs on the CPU: one small step per frame is no work for a GPU
+        scores = F.linear(rows.to(weight.device, weight.dtype), weight, bias).float().cpu()
         split = -(-min_frames(targets) // scores.shape[0])  # parts per frame: 1 unless there are too few
         spans = forced_align(scores.repeat_interleave(split, dim=0), targets, 0)
         return self.words(token_ids, spans, self.frame_s / split)

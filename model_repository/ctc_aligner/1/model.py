@@ -31,7 +31,6 @@ class TritonPythonModel(BatchAdapter):
         stage = self.setup(args)
         checkpoint = stage.checkpoint()
         tokenizer = load_tokenizer(checkpoint)
-        self.device = stage.device
         self.aligner = load_aligner(checkpoint, stage.params["variant"], tokenizer, stage.device, stage.dtype)
         if self.aligner is not None:
             ids = tokenizer.encode(WARMUP_TEXT, add_special_tokens=False)
@@ -46,7 +45,7 @@ class TritonPythonModel(BatchAdapter):
         return sequence_input(request, "POOLED"), [] if ids is None else ids.tolist()
 
     def predict(self, batch: list[tuple[torch.Tensor, list[int]]]) -> list[list[AlignedWord]]:
-        return [self.aligner.align(rows.to(self.device), ids) for rows, ids in batch]
+        return [self.aligner.align(rows, ids) for rows, ids in batch]
 
     def encode(self, words: list[AlignedWord]):
         texts = np.array([w.text.encode("utf-8") for w in words], dtype=np.object_)
