@@ -221,6 +221,8 @@ def test_nar_transcription_with_words_and_a_one_delta_stream(nar_api, nar_server
     with pytest.raises(openai.NotFoundError) as err:
         api.audio.transcriptions.create(model=AR, file=file)
     assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="punctuate is only supported by variant 'ar'"):
+        api.audio.transcriptions.create(model=NAR, file=file, extra_body={"punctuate": "true"})
 
 
 # ---- models, health, errors ---------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 
 import pytest
 import srt
 import webvtt
 from granite_speech_api import ApiSettings
+from granite_speech_api.app import UploadLimit
+from granite_speech_api.errors import ApiError
 from granite_speech_api.formats import MAX_SEGMENT_CHARS, PAUSE_S, Segment, segments_from_words, vtt
 from granite_speech_api.formats import srt as to_srt
 from granite_speech_client import Word
@@ -53,3 +57,37 @@ def test_settings_from_strings_and_environment(monkeypatch):
         ApiSettings.from_strings({"max_upload": "1"})
     with pytest.raises(ValueError, match="protocol"):
         ApiSettings(protocol="websocket")
+
+
+def test_upload_limit_refuses_a_large_body_by_its_header_or_as_it_arrives():
+    """Content-Length over the limit: 413 before the app runs; a chunked body (no length): the app's
+    read fails with the 413 error as soon as the limit is passed."""
+    chunk = bytes(1000)
+
+    async def reader(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+
+    def scope(length: int | None) -> dict:
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        return {"type": "http", "headers": headers}
+
+    async def run(length: int | None, chunks: int) -> list[dict]:
+        messages = iter([{"type": "http.request", "body": chunk, "more_body": i + 1 < chunks} for i in range(chunks)])
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return next(messages)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await UploadLimit(reader, max_bytes=5500)(scope(length), receive, send)
+        return sent
+
+    sent = asyncio.run(run(6000, 6))
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "upload_too_large"
+    with pytest.raises(ApiError) as err:
+        asyncio.run(run(None, 6))
+    assert err.value.status == 413
+    assert asyncio.run(run(None, 5)) == []  # 5000 bytes pass

@@ -8,6 +8,7 @@ GET  /health                    200 when Triton serves at least one model, else 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from .service import SpeechService
 from .settings import ApiSettings
 
 OWNER = "ibm-granite"
+log = logging.getLogger("granite_speech_api")
 
 
 def create_app(settings: ApiSettings, client: GraniteSpeechClient | None = None) -> FastAPI:
@@ -46,8 +48,15 @@ def create_app(settings: ApiSettings, client: GraniteSpeechClient | None = None)
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.add_exception_handler(ApiError, lambda request, exc: exc.response())
     app.add_exception_handler(HTTPException, lambda request, exc: ApiError(exc.status_code, str(exc.detail)).response())
+    app.add_exception_handler(Exception, internal_error)
     app.include_router(routes(SpeechService(client, settings)))
     return app
+
+
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unexpected: a 500 in OpenAI's shape, logged with its traceback."""
+    log.error("unexpected error on %s", request.url.path, exc_info=exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
 
 def routes(service: SpeechService) -> APIRouter:

@@ -55,7 +55,8 @@ class SpeechService:
         try:
             yield
         except ModelNotReadyError as exc:
-            health = self.client.health()
+            with client_errors():
+                health = self.client.health()
             if health.ready and not health.ensembles.get(ENSEMBLES[form.variant]):
                 raise ApiError(404, f"the model {form.model!r} is not served here", "model", "model_not_found") from exc
             raise from_client_error(exc) from exc
@@ -107,12 +108,13 @@ class SpeechService:
         return Transcript(form.task, form.language, result.audio_seconds, result.text, segments, result.words)
 
     def transcription_options(self, form: SpeechForm, audio: np.ndarray) -> dict:
-        options = dict(sample_rate=SAMPLE_RATE, language=form.language, decoding=form.decoding)
+        options = dict(
+            sample_rate=SAMPLE_RATE, language=form.language, decoding=form.decoding, punctuate=form.punctuate
+        )
         if form.variant == "nar":
-            return options | {"variant": "nar"}
+            return options | {"variant": "nar"}  # the client refuses punctuate and decoding modes for NAR
         seconds = audio.shape[0] / SAMPLE_RATE
-        max_new_tokens = self.max_new_tokens(form, seconds)
-        return options | dict(keywords=form.keywords, punctuate=form.punctuate, max_new_tokens=max_new_tokens)
+        return options | dict(keywords=form.keywords, max_new_tokens=self.max_new_tokens(form, seconds))
 
     def translation_options(self, form: SpeechForm, audio: np.ndarray) -> dict:
         return dict(

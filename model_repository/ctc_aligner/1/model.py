@@ -41,6 +41,9 @@ class TritonPythonModel(BatchAdapter):
             return Answered([])
         if self.aligner is None:
             raise RequestError(f"TIMESTAMPS need the checkpoint's CTC head {OUT_LLM_FILE}, which it does not have")
+        if single_item(request, "POOLED") is None:
+            raise RequestError("TIMESTAMPS need the encoder's pooled rows: serve with backend=python (the exported "
+                               "libtorch encoder makes none)")  # fmt: skip
         ids = single_item(request, "TOKEN_IDS")
         return sequence_input(request, "POOLED"), [] if ids is None else ids.tolist()
 
