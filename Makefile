@@ -11,6 +11,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PORTS = --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 DEMO_ARGS ?=
+API_PORT ?= 8080
 PYTEST_ARGS ?=
 # export on the GPU that serves the modules (they hold device constants)
 EXPORT_ARGS ?= --device cuda --dtype bfloat16
@@ -40,7 +41,9 @@ demo-tiny: setup  ## the main job on tiny random-weight checkpoints (meaningless
 	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint --nar build/tiny-nar
 	$(MAKE) demo CHECKPOINT=build/tiny-ar NAR_CHECKPOINT=build/tiny-nar VARIANTS=ar,nar DEMO_ARGS=--random-weights
 
-serve: setup  ## tritonserver in the foreground on HTTP_PORT/GRPC_PORT/METRICS_PORT (8000/8001/8002)
+serve: setup  ## tritonserver in the foreground on HTTP_PORT/GRPC_PORT/METRICS_PORT (8000/8001/8002), the OpenAI-compatible API on API_PORT (8080) beside it
+	$(PY) -m granite_speech_api --set triton_url=127.0.0.1:$(GRPC_PORT) --set port=$(API_PORT) & api=$$!; \
+	trap 'kill $$api 2>/dev/null' EXIT; \
 	$(PY) -m granite_speech_triton.cli serve --variants $(VARIANTS) $(PORTS) \
 		--set ar_checkpoint=$(CHECKPOINT) --set nar_checkpoint=$(NAR_CHECKPOINT)
 

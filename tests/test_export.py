@@ -323,7 +323,7 @@ def test_libtorch_template_matches_its_module(ar_export, nar_export, name):
 
 
 @pytest.mark.parametrize(
-    ("ensemble", "variant"), [("granite_speech", "ar"), ("ar_encode", "ar"), ("granite_speech_nar", "nar")]
+    ("ensemble", "variant"), [("ar_encode", "ar"), ("granite_speech", "ar"), ("granite_speech_nar", "nar")]
 )
 def test_libtorch_ensembles_keep_the_client_contract(ar_export, nar_export, ensemble, variant):
     """The same inputs and outputs as the Python-backend ensembles, but for the CTC draft, which
@@ -334,9 +334,12 @@ def test_libtorch_ensembles_keep_the_client_contract(ar_export, nar_export, ense
         parse(ENSEMBLE_TEMPLATES / ensemble / "config.libtorch.pbtxt"),
         parse(ENSEMBLE_TEMPLATES / ensemble / "config.pbtxt"),
     )
-    drafts = {"DRAFT_IDS", "DRAFT_ENTROPY"}
     assert libtorch.input == python.input
-    assert [o for o in python.output if o.name not in drafts] == list(libtorch.output)
+    if ensemble == "ar_encode":  # internal (no client calls it): the exported encoder makes no draft, no pooled rows
+        assert [o.name for o in python.output if o not in libtorch.output] == ["DRAFT_IDS", "DRAFT_ENTROPY", "POOLED"]
+        assert all(o in python.output for o in libtorch.output)
+    else:
+        assert libtorch.output == python.output
     out = ar_export if variant == "ar" else nar_export
     for step in libtorch.ensemble_scheduling.step:
         if step.model_name in export.COMPONENTS[variant] and step.model_name != "nar_head":  # nar_head stays Python

@@ -19,7 +19,7 @@ from .errors import (
     ServerUnreachableError,
 )
 from .options import ASR_LANGUAGES, DECODE_MODES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS, Decoding
-from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
+from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate, Word
 
 __all__ = [
     "ASR_LANGUAGES",
@@ -44,6 +44,7 @@ __all__ = [
     "ServerUnreachableError",
     "SpeechResult",
     "StreamUpdate",
+    "Word",
     "load_audio",
     "split_points",
 ]

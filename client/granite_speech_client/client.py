@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,13 @@ from .options import (
     as_decoding,
     parse_keywords,
 )
-from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
-from .streaming import stream
+from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate, Word
+from .streaming import decode_text, stream
 from .transport import ConnectionSettings, TransportPool, normalize_url
 
 DEFAULT_MAX_AUDIO_SECONDS = 120.0  # used when the server's feature extractor does not say
 OUTPUTS = ("TEXT", "TOKEN_IDS")
+WORD_OUTPUTS = ("WORDS", "WORD_TIMES", "WORD_TOKENS")  # with TIMESTAMPS
 
 Keywords = str | Sequence[str] | None
 
@@ -38,7 +40,8 @@ class GraniteSpeechClient:
     One instance may be shared by threads (each thread gets its own tritonclient connection).
     Audio may be a file path, the bytes of a file (wav, flac, ogg, anything soundfile reads) or a
     numpy array [samples] / [samples, channels] with `sample_rate`. It is downmixed to mono and
-    resampled to 16 kHz; audio longer than the server's limit is split at quiet points.
+    resampled to 16 kHz; audio longer than the server's limit is split at quiet points and its pieces
+    sent `max_pieces_in_flight` at a time.
     """
 
     def __init__(
@@ -51,13 +54,17 @@ class GraniteSpeechClient:
         retries: int = 2,
         retry_backoff_s: float = 0.5,
         max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
+        max_pieces_in_flight: int = 4,
     ) -> None:
+        if max_pieces_in_flight < 1:
+            raise InvalidRequestError(f"max_pieces_in_flight must be at least 1, got {max_pieces_in_flight}")
         self.settings = ConnectionSettings(
             normalize_url(url, protocol), protocol, timeout_s, connect_timeout_s, retries, retry_backoff_s
         )
         self.fallback_max_audio_seconds = max_audio_seconds
+        self.max_pieces_in_flight = max_pieces_in_flight
         self._pool = TransportPool(self.settings)
-        self._limits: dict[str, float] = {}
+        self._parameters_by_variant: dict[str, dict[str, str]] = {}
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -72,12 +79,14 @@ class GraniteSpeechClient:
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
         decoding: Decoding | str | None = None,
+        timestamps: bool = False,
     ) -> SpeechResult:
         """Speech -> text in `language`. keywords, punctuate, max_new_tokens and decoding (a Decoding,
-        or a mode name: greedy, beam, cascade, speculative) are AR only."""
+        or a mode name: greedy, beam, cascade, speculative) are AR only. timestamps: the result's
+        `words` with their start and end times."""
         options = RequestOptions(
             variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
-            as_decoding(decoding),
+            as_decoding(decoding), timestamps,
         )  # fmt: skip
         return self._run(audio, options, sample_rate)
 
@@ -183,8 +192,18 @@ class GraniteSpeechClient:
 
     def max_audio_seconds(self, variant: str = "ar") -> float:
         """The server's audio limit for `variant` (its feature extractor's `max_audio_seconds`)."""
+        value = self._parameters(variant).get("max_audio_seconds", "")
+        return float(value) if value else self.fallback_max_audio_seconds
+
+    def max_new_tokens_limit(self, variant: str = "ar") -> int | None:
+        """The largest `max_new_tokens` the server takes for `variant` (None when its config does not say)."""
+        value = self._parameters(variant).get("max_new_tokens_limit", "")
+        return int(value) if value else None
+
+    def _parameters(self, variant: str) -> dict[str, str]:
+        """The `parameters` of the variant's feature extractor, read once."""
         check_variant(variant)
-        if variant not in self._limits:
+        if variant not in self._parameters_by_variant:
             model = FEATURE_EXTRACTORS[variant]
             try:
                 parameters = self._pool.get().model_parameters(model)
@@ -193,9 +212,8 @@ class GraniteSpeechClient:
                     f"variant {variant!r} is not served by {self.settings.url}: "
                     f"model {model!r} (part of ensemble {ENSEMBLES[variant]!r}) is not available ({exc})"
                 ) from exc
-            value = parameters.get("max_audio_seconds", "")
-            self._limits[variant] = float(value) if value else self.fallback_max_audio_seconds
-        return self._limits[variant]
+            self._parameters_by_variant[variant] = parameters
+        return self._parameters_by_variant[variant]
 
     def health(self) -> Health:
         """Server liveness and readiness, and the readiness of each ensemble."""
@@ -230,14 +248,33 @@ class GraniteSpeechClient:
         seconds = waveform.shape[0] / SAMPLE_RATE
         if seconds <= limit:
             started = time.perf_counter()
-            text, token_ids = self._infer(waveform, options)
-            return SpeechResult(text, token_ids, options.variant, options.task, seconds, time.perf_counter() - started)
-        pieces = tuple(self._piece(waveform, span, options) for span in split_points(waveform, limit))
+            text, token_ids, words = self._infer(waveform, options)
+            latency = time.perf_counter() - started
+            return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, words=words)
+        pieces = self._pieces(waveform, split_points(waveform, limit), options)
         sent = [p for p in pieces if not p.skipped]  # none when every sample is zero: an empty result
+        latency = sum(p.latency_s for p in sent)
+        if options.timestamps:
+            words = stitch_words(sent)
+            text, token_ids = "".join(w.text for w in words).strip(), tuple(t for w in words for t in w.token_ids)
+            return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, pieces, words)
         text = " ".join(p.text.strip() for p in sent if p.text.strip())
         token_ids = tuple(t for p in sent for t in p.token_ids)
-        latency = sum(p.latency_s for p in sent)
         return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, pieces)
+
+    def _pieces(self, waveform: np.ndarray, spans: list[Span], options: RequestOptions) -> tuple[Piece, ...]:
+        """Every piece's result, in order, with up to `max_pieces_in_flight` requests at a time."""
+        workers: set[int] = set()
+
+        def work(span: Span) -> Piece:
+            workers.add(threading.get_ident())
+            return self._piece(waveform, span, options)
+
+        try:
+            with ThreadPoolExecutor(min(self.max_pieces_in_flight, len(spans)), "granite-speech-piece") as pool:
+                return tuple(pool.map(work, spans))
+        finally:
+            self._pool.discard(workers)  # the worker threads are gone; close their connections
 
     def _piece(self, waveform: np.ndarray, span: Span, options: RequestOptions) -> Piece:
         start_s, end_s = span.seconds
@@ -245,15 +282,21 @@ class GraniteSpeechClient:
         if is_digital_silence(samples):  # the server would answer it with empty text
             return Piece(start_s, end_s, "", (), 0.0, skipped=True)
         started = time.perf_counter()
-        text, token_ids = self._infer(samples, options)
-        return Piece(start_s, end_s, text, token_ids, time.perf_counter() - started)
+        text, token_ids, words = self._infer(samples, options, start_s)
+        return Piece(start_s, end_s, text, token_ids, time.perf_counter() - started, words=words)
 
-    def _infer(self, waveform: np.ndarray, options: RequestOptions) -> tuple[str, tuple[int, ...]]:
+    def _infer(
+        self, waveform: np.ndarray, options: RequestOptions, offset_s: float = 0.0
+    ) -> tuple[str, tuple[int, ...], tuple[Word, ...]]:
+        """One request: text, token ids and, with timestamps, the words (times from `offset_s`)."""
         inputs = request_inputs(waveform, options, self.settings.timeout_s)
-        outputs = self._pool.get().infer(ENSEMBLES[options.variant], inputs, OUTPUTS)
-        text = outputs["TEXT"].reshape(-1)[0]
-        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-        return text, tuple(int(t) for t in outputs["TOKEN_IDS"].reshape(-1))
+        outputs = OUTPUTS + (WORD_OUTPUTS if options.timestamps else ())
+        result = self._pool.get().infer(ENSEMBLES[options.variant], inputs, outputs)
+        text = decode_text(result["TEXT"].reshape(-1)[0])
+        token_ids = tuple(int(t) for t in result["TOKEN_IDS"].reshape(-1))
+        if not options.timestamps:
+            return text, token_ids, ()
+        return text, token_ids, timed_words(result, token_ids, offset_s, waveform.shape[0] / SAMPLE_RATE)
 
     # ---- streaming --------------------------------------------------------------------------
 
@@ -346,8 +389,9 @@ def request_inputs(waveform: np.ndarray, options: RequestOptions, timeout_s: flo
     for name, value in texts.items():
         if value:
             inputs[name] = np.array([[value.encode("utf-8")]], dtype=np.object_)  # [1, 1]
-    if options.punctuate:
-        inputs["PUNCTUATE"] = np.array([[True]])
+    for name, flag in (("PUNCTUATE", options.punctuate), ("TIMESTAMPS", options.timestamps)):
+        if flag:
+            inputs[name] = np.array([[True]])
     if options.max_new_tokens is not None:
         inputs["MAX_NEW_TOKENS"] = np.array([[options.max_new_tokens]], dtype=np.int32)
     inputs.update(decoding_inputs(options.decoding))
@@ -367,6 +411,47 @@ def decoding_inputs(decoding: Decoding) -> dict[str, np.ndarray]:
         if value is not None:
             inputs[name] = np.array([[value]], dtype=np.float32)
     return inputs
+
+
+def timed_words(
+    outputs: dict[str, np.ndarray], token_ids: tuple[int, ...], offset_s: float, seconds: float
+) -> tuple[Word, ...]:
+    """The WORDS, WORD_TIMES and WORD_TOKENS of one response as Words, `offset_s` added to every time.
+
+    The aligner's times are multiples of its 80 ms frames; the last word's end is kept within the audio.
+    """
+    counts = [int(n) for n in outputs["WORD_TOKENS"].reshape(-1)]
+    first = np.cumsum([0, *counts]).tolist()
+    times = outputs["WORD_TIMES"].reshape(-1, 2)
+    return tuple(
+        Word(
+            decode_text(text),
+            offset_s + min(float(start), seconds),
+            offset_s + min(float(end), seconds),
+            token_ids[first[i] : first[i + 1]],
+        )
+        for i, (text, (start, end)) in enumerate(zip(outputs["WORDS"].reshape(-1), times, strict=True))
+    )
+
+
+def stitch_words(pieces: Sequence[Piece]) -> tuple[Word, ...]:
+    """The words of a split file's pieces in order. Each piece starts OVERLAP_S before the previous
+    one's end, so a word heard by both is dropped from the later piece (its middle lies before the
+    previous piece's end), and a kept word starts no earlier than that end (words never overlap); a
+    later piece's first word is separated from the earlier text by a space."""
+    words: list[Word] = []
+    previous_end = 0.0
+    for piece in pieces:
+        kept = [
+            replace(w, start_s=max(w.start_s, previous_end))
+            for w in piece.words
+            if (w.start_s + w.end_s) / 2 >= previous_end
+        ]
+        if words and kept and not kept[0].text[:1].isspace():
+            kept[0] = replace(kept[0], text=" " + kept[0].text)
+        words += kept
+        previous_end = piece.end_s
+    return tuple(words)
 
 
 def check_variant(variant: str) -> str:

@@ -74,6 +74,7 @@ class RequestOptions:
     punctuate: bool = False
     max_new_tokens: int | None = None
     decoding: Decoding = Decoding()
+    timestamps: bool = False  # transcription only: the words with their start and end times
 
     def validate(self) -> RequestOptions:
         if self.variant not in VARIANTS:
@@ -123,6 +124,8 @@ class RequestOptions:
             raise InvalidRequestError(f"translation {self.language}->{target} unsupported: one side must be English")
         if self.keywords:
             raise InvalidRequestError("keywords are only valid when transcribing")
+        if self.timestamps:
+            raise InvalidRequestError("timestamps are only valid when transcribing: a translation is not aligned")
 
 
 def parse_keywords(keywords: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -71,13 +71,19 @@ class Draft:
     max_entropy: float
 
 
-def ar_drafts(encoder: ConformerEncoder, head: nn.Linear, out: EncoderOutput, lengths: torch.Tensor) -> list[Draft]:
-    """The AR draft of each utterance of an encoder batch run with keep_hidden_states=True."""
+def ar_pooled_rows(
+    encoder: ConformerEncoder, out: EncoderOutput, lengths: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """The AR draft's pooled rows [sum P_i, D] and P_i, from an encoder batch run with keep_hidden_states=True."""
     cfg = encoder.cfg
     mid = out.hidden_states[cfg.self_conditioning_layer]  # after the self-conditioning add
     importance = 1.0 - torch.softmax(encoder.out(mid).float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
-    rows, pooled = pooled_rows(out.last_hidden_state, importance, lengths, cfg.bpe_pooling_window)
-    pooled_lengths = pooled.tolist()
+    rows, pooled_lengths = pooled_rows(out.last_hidden_state, importance, lengths, cfg.bpe_pooling_window)
+    return rows, pooled_lengths.tolist()
+
+
+def drafts_from_rows(head: nn.Linear, rows: torch.Tensor, pooled_lengths: list[int]) -> list[Draft]:
+    """The AR draft of each utterance whose pooled rows lie back to back in `rows` [sum P_i, D]."""
     logits = head(rows).float()  # [sum P, labels]
     probs = torch.softmax(logits, dim=-1)
     entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(dim=-1)  # [sum P]
@@ -87,6 +93,11 @@ def ar_drafts(encoder: ConformerEncoder, head: nn.Linear, out: EncoderOutput, le
         Draft([label - 1 for label in ids], float(e.max()) if e.numel() else 0.0)
         for ids, e in zip(labels, entropies, strict=True)
     ]
+
+
+def ar_drafts(encoder: ConformerEncoder, head: nn.Linear, out: EncoderOutput, lengths: torch.Tensor) -> list[Draft]:
+    """The AR draft of each utterance of an encoder batch run with keep_hidden_states=True."""
+    return drafts_from_rows(head, *ar_pooled_rows(encoder, out, lengths))
 
 
 def load_draft_head(

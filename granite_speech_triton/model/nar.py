@@ -25,7 +25,7 @@ from transformers.masking_utils import create_bidirectional_mask, packed_sequenc
 from .config import EncoderConfig, known_fields, read_config_json
 from .ctc import ctc_collapse_segments
 from .draft import CHAR_CTC_BLANK, pooled_rows
-from .encoder import ConformerEncoder, pad_batch, run_in_length_groups
+from .encoder import ConformerEncoder
 from .errors import CheckpointError
 from .projector import split_windows
 from .ragged import join_segments, pack_groups, ragged_index, take_second
@@ -144,10 +144,12 @@ class NARModelConfig:
 
 @dataclass
 class NAREncoderOutput:
-    """Per utterance: the projector's input and the greedy BPE CTC draft (LLM token ids)."""
+    """Per utterance: the projector's input, the greedy BPE CTC draft (LLM token ids) and the pooled
+    rows it was read from (what the aligner reads again)."""
 
     projector_inputs: list[torch.Tensor]  # [T_i, num_encoder_layers * hidden_dim]
     drafts: list[list[int]]
+    pooled: list[torch.Tensor]  # [ceil(T_i / bpe_pooling_window), hidden_dim]
 
 
 class NAREncoder(ConformerEncoder):
@@ -161,16 +163,15 @@ class NAREncoder(ConformerEncoder):
     @torch.inference_mode()
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> NAREncoderOutput:
         """features [B, T, 160] right-padded, lengths [B] (encoder frames) -> NAREncoderOutput."""
-        stacked, ids, pooled_lengths = self.forward_draft(features.to(self.input_linear.weight.dtype), lengths)
-        drafts = ctc_collapse_segments(ids, pooled_lengths.tolist(), self.blank)
-        return NAREncoderOutput([stacked[b, :n] for b, n in enumerate(lengths.tolist())], drafts)
+        stacked, rows, pooled_lengths = self.forward_pooled(features.to(self.input_linear.weight.dtype), lengths)
+        counts = pooled_lengths.tolist()
+        drafts = ctc_collapse_segments(self.out_bpe(rows).argmax(dim=-1), counts, self.blank)
+        projector_inputs = [stacked[b, :n] for b, n in enumerate(lengths.tolist())]
+        return NAREncoderOutput(projector_inputs, drafts, list(rows.split(counts)))
 
-    def forward_draft(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`encode` before the CTC collapse, tensors only (the export traces it).
-
-        features [B, T, 160] in the model dtype, lengths [B] -> projector input [B, T, L*D],
-        BPE argmax of every valid pooled frame [sum P_i], pooled lengths P_i [B].
-        """
+    def forward_pooled(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """features [B, T, 160] in the model dtype, lengths [B] -> projector input [B, T, L*D], the
+        draft's pooled rows of every utterance back to back [sum P_i, D], P_i [B]. Tensors only."""
         out = self(features, lengths, keep_hidden_states=True)
         # The reference takes the blank probability in float32 whatever the model dtype.
         blank_prob = torch.softmax(out.self_conditioning_logits.float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
@@ -178,17 +179,13 @@ class NAREncoder(ConformerEncoder):
         rows, pooled_lengths = pooled_rows(
             out.last_hidden_state, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window
         )
+        return stacked, rows, pooled_lengths
+
+    def forward_draft(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`encode` before the CTC collapse, tensors only (the export traces it): projector input
+        [B, T, L*D], BPE argmax of every valid pooled frame [sum P_i], pooled lengths P_i [B]."""
+        stacked, rows, pooled_lengths = self.forward_pooled(features, lengths)
         return stacked, self.out_bpe(rows).argmax(dim=-1), pooled_lengths
-
-    def encode_utterances(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
-        """[T_i, 160] per utterance -> (projector input [T_i, L*D], draft ids) per utterance, batch-invariant;
-        utterances of similar length share a forward."""
-
-        def run(group: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
-            out = self.encode(*pad_batch(group))
-            return list(zip(out.projector_inputs, out.drafts, strict=True))
-
-        return run_in_length_groups(features, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +489,18 @@ def load_nar_encoder(
     """The encoder stage with the checkpoint's `encoder.*` tensors (older BPE head converted)."""
     convert = (lambda tensors: convert_legacy_bpe_head(tensors, cfg)) if cfg.legacy_bpe_head else None
     return load_module(lambda: NAREncoder(cfg), checkpoint, "encoder.", device, dtype, convert)
+
+
+def load_nar_bpe_head(
+    checkpoint: Path, cfg: NARModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Linear:
+    """The encoder's BPE CTC head `out_bpe` alone (older layout converted), rows indexed by token id."""
+    tensors = {f"out_bpe.{k}": v for k, v in read_tensors(Path(checkpoint), "encoder.out_bpe.").items()}
+    if cfg.legacy_bpe_head:
+        tensors = convert_legacy_bpe_head(tensors, cfg)
+    head = nn.Linear(cfg.encoder.hidden_dim, cfg.vocab_size)
+    load_into(head, {k.removeprefix("out_bpe."): v for k, v in tensors.items()}, "encoder.out_bpe.")
+    return head.to(device=device, dtype=dtype).eval()
 
 
 def load_nar_projector(

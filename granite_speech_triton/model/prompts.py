@@ -62,6 +62,7 @@ class SpeechRequest:
     num_beams: int = DEFAULT_NUM_BEAMS  # beam mode, and the cascade's fallback
     confidence: float = DEFAULT_CONFIDENCE  # cascade: the least probability of every draft token
     entropy_gate: float = 0.0  # cascade: a draft with CTC entropy at most this is taken unverified
+    timestamps: bool = False  # the aligner step adds the words of the transcript with their times
 
     def started(self, now: float) -> SpeechRequest:
         """This request with its deadline fixed from `timeout_ms`, counted from `now`."""
@@ -110,6 +111,10 @@ class SpeechRequest:
             raise RequestError(f"translation {self.language}->{target} unsupported: one side must be English")
         if self.keywords:
             raise RequestError("KEYWORDS are only valid with TASK 'transcribe'")
+        if self.timestamps:
+            raise RequestError(
+                "TIMESTAMPS are only valid with TASK 'transcribe': a translation is not aligned with the audio"
+            )
 
     def to_json(self) -> str:
         """Canonical JSON, as passed between pipeline steps."""

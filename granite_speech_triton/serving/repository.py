@@ -111,12 +111,14 @@ MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
         "ar_llm_decoder": ("llm_decoder", "config.pbtxt", {}),
         "ar_llm_engine": ("llm_engine", "config.pbtxt", {}),
         "granite_speech_stream": ("stream_pipeline", "config.pbtxt", {}),
+        "ar_ctc_aligner": ("ctc_aligner", "config.pbtxt", {}),
     },
     "nar": {
         "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {}),
         "nar_conformer_encoder": ("conformer_encoder", "config.nar.pbtxt", {}),
         "nar_qformer_projector": ("qformer_projector", "config.nar.pbtxt", {}),
         "nar_head": ("nar_head", "config.pbtxt", {}),
+        "nar_ctc_aligner": ("ctc_aligner", "config.pbtxt", {}),
     },
 }
 ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}  # what clients call, per variant

@@ -118,6 +118,7 @@ def request_options(request) -> SpeechRequest:
         num_beams=int(optional_number(request, "NUM_BEAMS", DEFAULT_NUM_BEAMS)),
         confidence=float(optional_number(request, "CONFIDENCE", DEFAULT_CONFIDENCE)),
         entropy_gate=float(optional_number(request, "ENTROPY_GATE", 0.0)),
+        timestamps=bool(optional_number(request, "TIMESTAMPS", False)),
     )
 
 
