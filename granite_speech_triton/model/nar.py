@@ -495,12 +495,15 @@ def load_nar_bpe_head(
     checkpoint: Path, cfg: NARModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Linear:
     """The encoder's BPE CTC head `out_bpe` alone (older layout converted), rows indexed by token id."""
-    tensors = {f"out_bpe.{k}": v for k, v in read_tensors(Path(checkpoint), "encoder.out_bpe.").items()}
-    if cfg.legacy_bpe_head:
-        tensors = convert_legacy_bpe_head(tensors, cfg)
-    head = nn.Linear(cfg.encoder.hidden_dim, cfg.vocab_size)
-    load_into(head, {k.removeprefix("out_bpe."): v for k, v in tensors.items()}, "encoder.out_bpe.")
-    return head.to(device=device, dtype=dtype).eval()
+
+    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not cfg.legacy_bpe_head:
+            return tensors
+        converted = convert_legacy_bpe_head({f"out_bpe.{k}": v for k, v in tensors.items()}, cfg)
+        return {k.removeprefix("out_bpe."): v for k, v in converted.items()}
+
+    build = lambda: nn.Linear(cfg.encoder.hidden_dim, cfg.vocab_size)  # noqa: E731
+    return load_module(build, checkpoint, "encoder.out_bpe.", device, dtype, convert)
 
 
 def load_nar_projector(
