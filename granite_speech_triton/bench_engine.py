@@ -61,6 +61,7 @@ class Outcome:
     first_token: float
     ended: float
     token_ids: tuple[int, ...]
+    error: str = ""  # a failed request: reported, left out of the timings
 
 
 @dataclass
@@ -74,13 +75,15 @@ class Run:
     passes_per_request: float | None = None  # LLM forward passes (decoding-mode runs)
 
     def to_dict(self) -> dict[str, Any]:
-        latencies = [o.ended - o.started for o in self.outcomes]
-        ttfts = [o.first_token - o.started for o in self.outcomes]
-        tokens = sum(len(o.token_ids) for o in self.outcomes)
+        done = [o for o in self.outcomes if not o.error] or [Outcome(0.0, 0.0, 0.0, ())]
+        latencies = [o.ended - o.started for o in done]
+        ttfts = [o.first_token - o.started for o in done]
+        tokens = sum(len(o.token_ids) for o in done)
         return {
             "system": self.system,
             "concurrency": self.concurrency,
             "requests": len(self.outcomes),
+            "failures": sum(bool(o.error) for o in self.outcomes),
             "audio_seconds": self.audio_seconds,
             "wall_s": self.wall_s,
             "rtfx": self.audio_seconds / self.wall_s,
@@ -143,9 +146,12 @@ def stream_one(client, request: Request, mode: str) -> Outcome:
     updates = client.transcribe_stream(
         request.clip.audio, sample_rate=SAMPLE_RATE, max_new_tokens=request.max_new_tokens, decoding=mode
     )
-    for update in updates:
-        first = first or time.perf_counter()
-        ids = update.token_ids
+    try:
+        for update in updates:
+            first = first or time.perf_counter()
+            ids = update.token_ids
+    except Exception as exc:  # a benchmark reports failures; it does not stop at the first
+        return Outcome(started, first, time.perf_counter(), ids, f"{type(exc).__name__}: {exc}")
     return Outcome(started, first, time.perf_counter(), ids)
 
 
@@ -242,7 +248,9 @@ def run_planted(checkpoint: str, device: str, dtype: str, requests: list[Request
 
 
 def count_mismatches(run: Run, reference: Run) -> int:
-    return sum(a.token_ids != b.token_ids for a, b in zip(run.outcomes, reference.outcomes, strict=True))
+    """Served requests whose tokens differ from the reference's (failed ones are counted as failures)."""
+    pairs = zip(run.outcomes, reference.outcomes, strict=True)
+    return sum(a.token_ids != b.token_ids for a, b in pairs if not a.error)
 
 
 COLUMNS = (
@@ -256,6 +264,8 @@ COLUMNS = (
     "p95_s",
     "ttft_p50",
     "ttft_p95",
+    "passes/req",
+    "fail",
     "mismatch",
 )
 
@@ -277,6 +287,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['ttft_p50_s']:.2f}",
                 f"{row['ttft_p95_s']:.2f}",
                 "-" if row["passes_per_request"] is None else f"{row['passes_per_request']:.1f}",
+                str(row["failures"]),
                 "-" if row["token_mismatches"] is None else str(row["token_mismatches"]),
             )
         )
@@ -320,9 +331,10 @@ def run(args: argparse.Namespace) -> int:
     requests = make_requests(clips, args.requests, tokens)
     print(f"{len(requests)} requests over {len(clips)} clips, MAX_NEW_TOKENS {tokens[0]}-{tokens[1]}; "
           f"{args.device} {args.dtype}", flush=True)  # fmt: skip
+    report = Report(args.out / "engine_results.json", checkpoint, requests)
     print("in-process reference ...", flush=True)
     reference = run_in_process(checkpoint, args.device, args.dtype, requests)
-    rows = [reference.to_dict()]
+    report.add(reference)
     modes = [m for m in args.modes.split(",") if m]
     for scheduler in args.schedulers.split(","):
         settings = dataclasses.replace(
@@ -341,27 +353,41 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{scheduler}, {level} in flight ...", flush=True)
                 served = run_served(url, scheduler, requests, level)
                 served.mismatches = count_mismatches(served, reference)
-                rows.append(served.to_dict())
+                report.add(served)
             if scheduler == "inflight" and modes:
                 metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
                 for run in run_modes(url, metrics_url, requests, max(args.concurrency), modes):
                     exact = run.system.endswith(("greedy", "speculative"))
                     run.mismatches = count_mismatches(run, reference) if exact else None
-                    rows.append(run.to_dict())
+                    report.add(run)
     if args.planted:
-        rows += [run.to_dict() for run in run_planted(checkpoint, args.device, args.dtype, requests, reference)]
-    table = format_table(rows)
-    print(table)
-    document = {
-        "rows": rows,
-        "requests": [{"clip": r.clip.name, "max_new_tokens": r.max_new_tokens} for r in requests],
-        "environment": environment(),
-        "checkpoint": checkpoint,
-        "table": table,
-    }
-    (args.out / "engine_results.json").write_text(json.dumps(document, indent=2, default=str))
-    print(f"wrote {args.out / 'engine_results.json'}")
+        for run in run_planted(checkpoint, args.device, args.dtype, requests, reference):
+            report.add(run)
+    print(report.table)
+    print(f"wrote {report.path}")
     return 0
+
+
+class Report:
+    """The rows so far, written to `path` after each run (a long benchmark keeps what it measured)."""
+
+    def __init__(self, path: Path, checkpoint: str, requests: list[Request]) -> None:
+        self.path, self.checkpoint, self.requests = path, checkpoint, requests
+        self.rows: list[dict[str, Any]] = []
+        self.table = ""
+
+    def add(self, run: Run) -> None:
+        self.rows.append(run.to_dict())
+        self.table = format_table(self.rows)
+        document = {
+            "rows": self.rows,
+            "requests": [{"clip": r.clip.name, "max_new_tokens": r.max_new_tokens} for r in self.requests],
+            "environment": environment(),
+            "checkpoint": self.checkpoint,
+            "table": self.table,
+        }
+        self.path.write_text(json.dumps(document, indent=2, default=str))
+        print(self.table.splitlines()[-1], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
