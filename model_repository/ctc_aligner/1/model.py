@@ -1,8 +1,11 @@
 """Triton adapter: pooled encoder rows + final token ids -> timed words (contract in config.pbtxt).
 
-Requests whose OPTIONS do not ask for timestamps get no words, at once and without the head.
+TEXT and TOKEN_IDS pass through unchanged. Requests whose OPTIONS do not ask for timestamps get no
+words, at once and without the head.
 Parameters: variant, checkpoint, revision, device, dtype, cpu_threads.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +29,17 @@ WARMUP_ROWS = 40  # 3.2 s of pooled rows
 WARMUP_TEXT = " warm up the aligner"
 
 
+@dataclass(frozen=True)
+class Transcript:
+    """The head's answer as it reached this step: TEXT [1] and TOKEN_IDS [n]."""
+
+    text: np.ndarray
+    ids: np.ndarray
+
+
+Aligned = tuple[Transcript, list[AlignedWord]]
+
+
 class TritonPythonModel(BatchAdapter):
     def initialize(self, args: dict) -> None:
         stage = self.setup(args)
@@ -34,27 +48,31 @@ class TritonPythonModel(BatchAdapter):
         self.aligner = load_aligner(checkpoint, stage.params["variant"], tokenizer, stage.device, stage.dtype)
         if self.aligner is not None:
             ids = tokenizer.encode(WARMUP_TEXT, add_special_tokens=False)
-            self.predict([(torch.randn(WARMUP_ROWS, self.aligner.head.in_features), ids)])
+            transcript = Transcript(np.array([WARMUP_TEXT.encode()]), np.array(ids, dtype=np.int32))
+            self.predict([(torch.randn(WARMUP_ROWS, self.aligner.head.in_features), transcript)])
 
-    def decode(self, request) -> tuple[torch.Tensor, list[int]] | Answered:
+    def decode(self, request) -> tuple[torch.Tensor, Transcript] | Answered:
+        transcript = Transcript(single_item(request, "TEXT"), single_item(request, "TOKEN_IDS"))
         if not SpeechRequest.from_json(optional_text(request, "OPTIONS", "{}")).timestamps:
-            return Answered([])
+            return Answered((transcript, []))
         if self.aligner is None:
             raise RequestError(f"TIMESTAMPS need the checkpoint's CTC head {OUT_LLM_FILE}, which it does not have")
         if single_item(request, "POOLED") is None:
             raise RequestError("TIMESTAMPS need the encoder's pooled rows: serve with backend=python (the exported "
                                "libtorch encoder makes none)")  # fmt: skip
-        ids = single_item(request, "TOKEN_IDS")
-        return sequence_input(request, "POOLED"), [] if ids is None else ids.tolist()
+        return sequence_input(request, "POOLED"), transcript
 
-    def predict(self, batch: list[tuple[torch.Tensor, list[int]]]) -> list[list[AlignedWord]]:
-        return [self.aligner.align(rows, ids) for rows, ids in batch]
+    def predict(self, batch: list[tuple[torch.Tensor, Transcript]]) -> list[Aligned]:
+        return [(transcript, self.aligner.align(rows, transcript.ids.tolist())) for rows, transcript in batch]
 
-    def encode(self, words: list[AlignedWord]):
+    def encode(self, aligned: Aligned):
+        transcript, words = aligned
         texts = np.array([w.text.encode("utf-8") for w in words], dtype=np.object_)
         times = np.array([(w.start_s, w.end_s) for w in words], dtype=np.float32).reshape(-1, 2)
         return pb_utils.InferenceResponse(
             output_tensors=[
+                tensor_output("TEXT", transcript.text, np.object_),
+                tensor_output("TOKEN_IDS", transcript.ids, np.int32),
                 tensor_output("WORDS", texts, np.object_),
                 tensor_output("WORD_TIMES", times),
                 tensor_output("WORD_TOKENS", np.array([w.num_tokens for w in words], dtype=np.int32), np.int32),
