@@ -167,32 +167,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     options = RequestOptions(
         args.variant, "transcribe", args.language, None, keywords, args.punctuate, args.max_new_tokens, decoding(args)
     )
+    asked = {"keywords": keywords, **common_options(args, options)}
     if args.stream:
-        return run_streams(
-            args,
-            options,
-            lambda path: args.client.transcribe_stream(
-                path,
-                language=args.language,
-                keywords=keywords,
-                punctuate=args.punctuate,
-                max_new_tokens=args.max_new_tokens,
-                decoding=options.decoding,
-            ),
-        )
+        return run_streams(args, options, lambda path: args.client.transcribe_stream(path, **asked))
     return run_files(
-        args,
-        options,
-        lambda files, **kw: args.client.transcribe_many(
-            files,
-            variant=args.variant,
-            language=args.language,
-            keywords=keywords,
-            punctuate=args.punctuate,
-            max_new_tokens=args.max_new_tokens,
-            decoding=options.decoding,
-            **kw,
-        ),
+        args, options, lambda files, **kw: args.client.transcribe_many(files, variant=args.variant, **asked, **kw)
     )
 
 
@@ -200,32 +179,20 @@ def cmd_translate(args: argparse.Namespace) -> int:
     options = RequestOptions(
         "ar", "translate", args.language, args.to, (), args.punctuate, args.max_new_tokens, decoding(args)
     )
+    asked = {"target_language": args.to, **common_options(args, options)}
     if args.stream:
-        return run_streams(
-            args,
-            options,
-            lambda path: args.client.translate_stream(
-                path,
-                target_language=args.to,
-                language=args.language,
-                punctuate=args.punctuate,
-                max_new_tokens=args.max_new_tokens,
-                decoding=options.decoding,
-            ),
-        )
-    return run_files(
-        args,
-        options,
-        lambda files, **kw: args.client.translate_many(
-            files,
-            target_language=args.to,
-            language=args.language,
-            punctuate=args.punctuate,
-            max_new_tokens=args.max_new_tokens,
-            decoding=options.decoding,
-            **kw,
-        ),
-    )
+        return run_streams(args, options, lambda path: args.client.translate_stream(path, **asked))
+    return run_files(args, options, lambda files, **kw: args.client.translate_many(files, **asked, **kw))
+
+
+def common_options(args: argparse.Namespace, options: RequestOptions) -> dict:
+    """The keyword arguments every client call of the CLI takes from its command line."""
+    return {
+        "language": args.language,
+        "punctuate": args.punctuate,
+        "max_new_tokens": args.max_new_tokens,
+        "decoding": options.decoding,
+    }
 
 
 def cmd_health(args: argparse.Namespace) -> int:
