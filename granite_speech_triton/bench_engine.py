@@ -30,6 +30,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 
 from .bench import Clip, environment, load_clips, parse_levels, serving, synthesise_audio, tiny_checkpoints
 from .cli import settings_from
+from .model.prompts import DEFAULT_NUM_BEAMS
 from .serving.repository import DEVICES, DTYPES
 from .serving.server import free_port
 
@@ -175,17 +177,16 @@ def engine_counts(metrics_url: str) -> tuple[float, float]:
     return values.get("granite_speech_engine_passes_sum", 0.0), values.get("granite_speech_engine_passes_count", 0.0)
 
 
-def run_modes(url: str, metrics_url: str, requests: list[Request], level: int, modes: list[str]) -> list[Run]:
-    """Every decoding mode served over the same requests; passes per request from the engine's metrics."""
-    runs = []
+def run_modes(url: str, metrics_url: str, requests: list[Request], level: int, modes: list[str]) -> Iterator[Run]:
+    """Every decoding mode served over the same requests, one run at a time; passes per request from
+    the engine's metrics."""
     for mode in modes:
         print(f"mode {mode}, {level} in flight ...", flush=True)
         passes, count = engine_counts(metrics_url)
         run = run_served(url, f"inflight {mode}", requests, level, mode)
         passes_after, count_after = engine_counts(metrics_url)
         run.passes_per_request = (passes_after - passes) / max(count_after - count, 1)
-        runs.append(run)
-    return runs
+        yield run
 
 
 def audio_rows(checkpoint: Path, device: str, dtype, requests: list[Request]) -> dict:
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             scheduler=scheduler,
-            max_decode_rows=max(args.concurrency) * (4 if modes else 1),  # beams take a row each
+            max_decode_rows=max(args.concurrency) * (DEFAULT_NUM_BEAMS if modes else 1),  # a row per beam
             max_batch_size=max(args.concurrency),
         )
         ports = {name: free_port() for name in ("HTTP", "gRPC", "metrics")}
