@@ -8,7 +8,8 @@ values (finite: the pool starts zeroed) and are masked out by the engine.
 Memory: 2 * layers * rows * capacity * kv_heads * head_dim * element size. The pool grows only
 when a request needs more rows or positions than it has, and never past `max_rows` x
 `max_tokens`, so `max_bytes()` bounds it (granite-speech-4.1-2b: 160 KiB per position in
-float32, 80 KiB in bfloat16).
+float32, 80 KiB in bfloat16). Growing replaces one layer at a time, so it briefly adds one
+layer's new tensors, not a second pool.
 
 transformers' attention layers call `past_key_values.update(keys, values, layer_idx)` and attend
 over what it returns; `PrefillWriter` and `DecodeWriter` are the two objects the engine passes
@@ -81,10 +82,11 @@ class KVPool:
             return
         new_rows = min(self.max_rows, max(rows, 2 * self.rows))
         new_capacity = max(self.capacity, min(self.max_tokens, -(-tokens // GROWTH_STEP) * GROWTH_STEP))
-        old_keys, old_values = self.keys, self.values
-        self._allocate(new_rows, new_capacity)
-        for old, new in zip(old_keys + old_values, self.keys + self.values, strict=True):
-            new[: old.shape[0], :, : old.shape[2]] = old
+        shape = (new_rows, self.layout.kv_heads, new_capacity, self.layout.head_dim)
+        for tensors in (self.keys, self.values):  # one layer at a time: growing costs one layer's copy
+            for layer, old in enumerate(tensors):
+                tensors[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                tensors[layer][: old.shape[0], :, : old.shape[2]] = old
 
     def _allocate(self, rows: int, capacity: int) -> None:
         shape = (rows, self.layout.kv_heads, capacity, self.layout.head_dim)
