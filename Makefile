@@ -11,6 +11,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PORTS = --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 DEMO_ARGS ?=
+API_PORT ?= 8080
 PYTEST_ARGS ?=
 # export on the GPU that serves the modules (they hold device constants)
 EXPORT_ARGS ?= --device cuda --dtype bfloat16
@@ -19,8 +20,9 @@ LOADTEST_ARGS ?=
 SOAK_ARGS ?=
 BENCH_VARIANTS ?= ar,nar
 BENCH_ARGS ?=
+BENCH_ENGINE_ARGS ?= --modes greedy,beam,cascade,speculative --planted
 
-.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny loadtest soak gpu-check clean
+.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny real-checkpoint bench-engine loadtest soak gpu-check clean
 
 setup:  ## virtual environment with the pinned runtime dependencies and this project
 	scripts/install.sh $(VENV)
@@ -40,7 +42,9 @@ demo-tiny: setup  ## the main job on tiny random-weight checkpoints (meaningless
 	$(PY) -m granite_speech_triton.cli make-tiny-checkpoint --nar build/tiny-nar
 	$(MAKE) demo CHECKPOINT=build/tiny-ar NAR_CHECKPOINT=build/tiny-nar VARIANTS=ar,nar DEMO_ARGS=--random-weights
 
-serve: setup  ## tritonserver in the foreground on HTTP_PORT/GRPC_PORT/METRICS_PORT (8000/8001/8002)
+serve: setup  ## tritonserver in the foreground on HTTP_PORT/GRPC_PORT/METRICS_PORT (8000/8001/8002), the OpenAI-compatible API on API_PORT (8080) beside it
+	$(PY) -m granite_speech_api --set triton_url=127.0.0.1:$(GRPC_PORT) --set port=$(API_PORT) & api=$$!; \
+	trap 'kill $$api 2>/dev/null' EXIT; \
 	$(PY) -m granite_speech_triton.cli serve --variants $(VARIANTS) $(PORTS) \
 		--set ar_checkpoint=$(CHECKPOINT) --set nar_checkpoint=$(NAR_CHECKPOINT)
 
@@ -59,6 +63,12 @@ bench: setup-dev  ## transformers in-process vs Triton at 1/8/32 in flight -> bu
 
 bench-tiny: setup-dev  ## the benchmark on tiny random-weight checkpoints (CPU smoke run; the numbers mean little)
 	$(PY) -m granite_speech_triton.cli bench --tiny --variants $(BENCH_VARIANTS) $(PORTS) $(BENCH_ARGS)
+
+real-checkpoint: setup  ## random-weight AR checkpoint with the 2b's real dimensions in build/real-ar (~4.6 GB, ~1 min)
+	$(PY) -m granite_speech_triton.cli make-checkpoint --size real build/real-ar
+
+bench-engine: setup-dev  ## AR engine: in-process vs scheduler=static vs inflight, decoding modes -> build/bench-engine/engine_results.json
+	$(PY) -m granite_speech_triton.bench_engine --ar-checkpoint $(CHECKPOINT) $(BENCH_ENGINE_ARGS)
 
 loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`; prints RTFx
 	$(PY) -m loadtest.run --server 127.0.0.1:$(HTTP_PORT) --users 4 --spawn-rate 4 --run-time 20s \

@@ -1,4 +1,5 @@
-"""Benchmark of the AR decoding engine: in-process transformers vs Triton with scheduler=static and inflight.
+"""Benchmark of the AR decoding engine: in-process transformers vs Triton with scheduler=static and inflight,
+and the decoding modes side by side.
 
     python -m granite_speech_triton.bench_engine --ar-checkpoint DIR            # e.g. a real-size checkpoint
     python -m granite_speech_triton.bench_engine --tiny                         # CPU smoke run
@@ -13,6 +14,12 @@ Served requests stream (granite_speech_stream over gRPC) with each --concurrency
 time to first token (TTFT) = until the first partial response (in-process: the first new token).
 Reported: RTFx, throughput ratio to in-process, p50/p95 latency and TTFT, generated tokens per
 second, and token mismatches against the in-process tokens of the same request (must be 0).
+
+--modes greedy,beam,cascade,speculative serves every mode (inflight, the highest concurrency) and
+adds LLM forward passes per request (from the engine's metrics). Random weights reject every
+real draft, so --planted also runs the engine in-process with each request's draft planted as its
+own greedy answer (the best case): speculative then needs one pass per request, and the cascade
+(confidence 0) accepts the draft.
 Writes OUT/engine_results.json. A benchmark, not a test: nothing here judges the timings.
 """
 
@@ -54,6 +61,7 @@ class Outcome:
     first_token: float
     ended: float
     token_ids: tuple[int, ...]
+    error: str = ""  # a failed request: reported, left out of the timings
 
 
 @dataclass
@@ -64,15 +72,18 @@ class Run:
     wall_s: float
     outcomes: list[Outcome]
     mismatches: int | None = None
+    passes_per_request: float | None = None  # LLM forward passes (decoding-mode runs)
 
     def to_dict(self) -> dict[str, Any]:
-        latencies = [o.ended - o.started for o in self.outcomes]
-        ttfts = [o.first_token - o.started for o in self.outcomes]
-        tokens = sum(len(o.token_ids) for o in self.outcomes)
+        done = [o for o in self.outcomes if not o.error] or [Outcome(0.0, 0.0, 0.0, ())]
+        latencies = [o.ended - o.started for o in done]
+        ttfts = [o.first_token - o.started for o in done]
+        tokens = sum(len(o.token_ids) for o in done)
         return {
             "system": self.system,
             "concurrency": self.concurrency,
             "requests": len(self.outcomes),
+            "failures": sum(bool(o.error) for o in self.outcomes),
             "audio_seconds": self.audio_seconds,
             "wall_s": self.wall_s,
             "rtfx": self.audio_seconds / self.wall_s,
@@ -82,6 +93,7 @@ class Run:
             "ttft_p50_s": float(np.percentile(ttfts, 50)),
             "ttft_p95_s": float(np.percentile(ttfts, 95)),
             "token_mismatches": self.mismatches,
+            "passes_per_request": self.passes_per_request,
         }
 
 
@@ -127,30 +139,118 @@ def run_in_process(checkpoint: str, device: str, dtype: str, requests: list[Requ
     return Run("in-process", 1, sum(r.clip.seconds for r in requests), time.perf_counter() - started, outcomes)
 
 
-def stream_one(client, request: Request) -> Outcome:
+def stream_one(client, request: Request, mode: str) -> Outcome:
     started = time.perf_counter()
     first = 0.0
     ids: tuple[int, ...] = ()
-    for update in client.transcribe_stream(
-        request.clip.audio, sample_rate=SAMPLE_RATE, max_new_tokens=request.max_new_tokens
-    ):
-        first = first or time.perf_counter()
-        ids = update.token_ids
+    updates = client.transcribe_stream(
+        request.clip.audio, sample_rate=SAMPLE_RATE, max_new_tokens=request.max_new_tokens, decoding=mode
+    )
+    try:
+        for update in updates:
+            first = first or time.perf_counter()
+            ids = update.token_ids
+    except Exception as exc:  # a benchmark reports failures; it does not stop at the first
+        return Outcome(started, first, time.perf_counter(), ids, f"{type(exc).__name__}: {exc}")
     return Outcome(started, first, time.perf_counter(), ids)
 
 
-def run_served(url: str, scheduler: str, requests: list[Request], level: int) -> Run:
+def run_served(url: str, system: str, requests: list[Request], level: int, mode: str = "greedy") -> Run:
     from granite_speech_client import GraniteSpeechClient
 
     with GraniteSpeechClient(url, "grpc", timeout_s=3600) as client, ThreadPoolExecutor(level) as pool:
         started = time.perf_counter()
-        outcomes = list(pool.map(lambda r: stream_one(client, r), requests))
+        outcomes = list(pool.map(lambda r: stream_one(client, r, mode), requests))
         wall = time.perf_counter() - started
-    return Run(scheduler, level, sum(r.clip.seconds for r in requests), wall, outcomes)
+    return Run(system, level, sum(r.clip.seconds for r in requests), wall, outcomes)
+
+
+def engine_counts(metrics_url: str) -> tuple[float, float]:
+    """(LLM passes, requests) the engine has counted so far."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url) as response:
+        lines = response.read().decode().splitlines()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in lines if "ar_llm_engine" in line}
+    return values.get("granite_speech_engine_passes_sum", 0.0), values.get("granite_speech_engine_passes_count", 0.0)
+
+
+def run_modes(url: str, metrics_url: str, requests: list[Request], level: int, modes: list[str]) -> list[Run]:
+    """Every decoding mode served over the same requests; passes per request from the engine's metrics."""
+    runs = []
+    for mode in modes:
+        print(f"mode {mode}, {level} in flight ...", flush=True)
+        passes, count = engine_counts(metrics_url)
+        run = run_served(url, f"inflight {mode}", requests, level, mode)
+        passes_after, count_after = engine_counts(metrics_url)
+        run.passes_per_request = (passes_after - passes) / max(count_after - count, 1)
+        runs.append(run)
+    return runs
+
+
+def audio_rows(checkpoint: Path, device: str, dtype, requests: list[Request]) -> dict:
+    """Our encoder and projector in-process: each clip's audio rows for the LLM."""
+    import torch
+
+    from .model.audio import Framing, LogMelFrontEnd
+    from .model.config import ARModelConfig, read_config_json
+    from .model.encoder import encode_batch, load_encoder
+    from .model.projector import load_projector
+
+    cfg = ARModelConfig.from_dict(read_config_json(checkpoint))
+    encoder = load_encoder(checkpoint, cfg.encoder, device, dtype)
+    projector = load_projector(checkpoint, cfg.projector, device, dtype)
+    front_end = LogMelFrontEnd(Framing.AR, device)
+    with torch.inference_mode():
+        return {
+            r.clip.name: projector(encode_batch(encoder, [front_end(torch.from_numpy(r.clip.audio))]))[0]
+            for r in requests
+        }
+
+
+def run_planted(checkpoint: str, device: str, dtype: str, requests: list[Request], reference: Run) -> list[Run]:
+    """The engine in-process, all requests submitted at once: greedy; speculative and cascade
+    (confidence 0) with each request's draft planted as its own greedy answer (the best case)."""
+    from .model.decoder import load_ar_decoder
+    from .model.engine import EngineConfig, Mode
+    from .model.prompts import SpeechRequest
+    from .model.weights import parse_dtype, resolve_checkpoint
+
+    path, torch_dtype = resolve_checkpoint(checkpoint), parse_dtype(dtype)
+    rows = audio_rows(path, device, torch_dtype, requests)
+    decoder = load_ar_decoder(path, device, torch_dtype, EngineConfig(max_rows=len(requests)))
+    eos = decoder.engine.eos
+    runs = []
+    for mode in (Mode.GREEDY, Mode.SPECULATIVE, Mode.CASCADE):
+        seqs = []
+        for request, want in zip(requests, reference.outcomes, strict=True):
+            seq = decoder.sequence(
+                SpeechRequest(max_new_tokens=request.max_new_tokens, confidence=0.0), rows[request.clip.name]
+            )
+            seq.mode = mode
+            seq.draft_ids = [t for t in want.token_ids if t not in eos] if mode is not Mode.GREEDY else []
+            seqs.append(seq)
+        system = f"in-process {mode.value}" + (", planted draft" if mode is not Mode.GREEDY else "")
+        print(f"{system} ...", flush=True)
+        started, submitted = time.perf_counter(), decoder.engine.clock()
+        decoder.engine.generate(seqs)
+        wall = time.perf_counter() - started
+        outcomes = [
+            Outcome(started, started + s.first_token_at - submitted, started + wall, tuple(s.tokens)) for s in seqs
+        ]
+        run = Run(system, len(requests), sum(r.clip.seconds for r in requests), wall, outcomes)
+        run.passes_per_request = sum(s.passes for s in seqs) / len(seqs)
+        strip = mode is Mode.CASCADE  # an accepted draft carries no end-of-text token
+        expected = [tuple(t for t in o.token_ids if not (strip and t in eos)) for o in reference.outcomes]
+        run.mismatches = sum(o.token_ids != e for o, e in zip(run.outcomes, expected, strict=True))
+        runs.append(run)
+    return runs
 
 
 def count_mismatches(run: Run, reference: Run) -> int:
-    return sum(a.token_ids != b.token_ids for a, b in zip(run.outcomes, reference.outcomes, strict=True))
+    """Served requests whose tokens differ from the reference's (failed ones are counted as failures)."""
+    pairs = zip(run.outcomes, reference.outcomes, strict=True)
+    return sum(a.token_ids != b.token_ids for a, b in pairs if not a.error)
 
 
 COLUMNS = (
@@ -164,6 +264,8 @@ COLUMNS = (
     "p95_s",
     "ttft_p50",
     "ttft_p95",
+    "passes/req",
+    "fail",
     "mismatch",
 )
 
@@ -184,6 +286,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['latency_p95_s']:.2f}",
                 f"{row['ttft_p50_s']:.2f}",
                 f"{row['ttft_p95_s']:.2f}",
+                "-" if row["passes_per_request"] is None else f"{row['passes_per_request']:.1f}",
+                str(row["failures"]),
                 "-" if row["token_mismatches"] is None else str(row["token_mismatches"]),
             )
         )
@@ -203,6 +307,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
     parser.add_argument("--tokens", default="8-64", help="MAX_NEW_TOKENS range per request (default 8-64)")
     parser.add_argument("--schedulers", default=",".join(SCHEDULERS), help="static,inflight (default both)")
+    parser.add_argument(
+        "--modes",
+        default="",
+        help="decoding modes to serve side by side (inflight), e.g. greedy,beam,cascade,speculative",
+    )
+    parser.add_argument("--planted", action="store_true", help="in-process draft modes with planted drafts (best case)")
     parser.add_argument("--audio-dir", type=Path, help="wav files to use (default: synthesise speech)")
     parser.add_argument("--out", type=Path, default=Path("build/bench-engine"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any DeploySettings field")
@@ -221,9 +331,11 @@ def run(args: argparse.Namespace) -> int:
     requests = make_requests(clips, args.requests, tokens)
     print(f"{len(requests)} requests over {len(clips)} clips, MAX_NEW_TOKENS {tokens[0]}-{tokens[1]}; "
           f"{args.device} {args.dtype}", flush=True)  # fmt: skip
+    report = Report(args.out / "engine_results.json", checkpoint, requests)
     print("in-process reference ...", flush=True)
     reference = run_in_process(checkpoint, args.device, args.dtype, requests)
-    rows = [reference.to_dict()]
+    report.add(reference)
+    modes = [m for m in args.modes.split(",") if m]
     for scheduler in args.schedulers.split(","):
         settings = dataclasses.replace(
             settings_from(args.set),
@@ -231,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             scheduler=scheduler,
-            max_decode_rows=max(args.concurrency),
+            max_decode_rows=max(args.concurrency) * (4 if modes else 1),  # beams take a row each
             max_batch_size=max(args.concurrency),
         )
         ports = {name: free_port() for name in ("HTTP", "gRPC", "metrics")}
@@ -241,19 +353,41 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{scheduler}, {level} in flight ...", flush=True)
                 served = run_served(url, scheduler, requests, level)
                 served.mismatches = count_mismatches(served, reference)
-                rows.append(served.to_dict())
-    table = format_table(rows)
-    print(table)
-    document = {
-        "rows": rows,
-        "requests": [{"clip": r.clip.name, "max_new_tokens": r.max_new_tokens} for r in requests],
-        "environment": environment(),
-        "checkpoint": checkpoint,
-        "table": table,
-    }
-    (args.out / "engine_results.json").write_text(json.dumps(document, indent=2, default=str))
-    print(f"wrote {args.out / 'engine_results.json'}")
+                report.add(served)
+            if scheduler == "inflight" and modes:
+                metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+                for run in run_modes(url, metrics_url, requests, max(args.concurrency), modes):
+                    exact = run.system.endswith(("greedy", "speculative"))
+                    run.mismatches = count_mismatches(run, reference) if exact else None
+                    report.add(run)
+    if args.planted:
+        for run in run_planted(checkpoint, args.device, args.dtype, requests, reference):
+            report.add(run)
+    print(report.table)
+    print(f"wrote {report.path}")
     return 0
+
+
+class Report:
+    """The rows so far, written to `path` after each run (a long benchmark keeps what it measured)."""
+
+    def __init__(self, path: Path, checkpoint: str, requests: list[Request]) -> None:
+        self.path, self.checkpoint, self.requests = path, checkpoint, requests
+        self.rows: list[dict[str, Any]] = []
+        self.table = ""
+
+    def add(self, run: Run) -> None:
+        self.rows.append(run.to_dict())
+        self.table = format_table(self.rows)
+        document = {
+            "rows": self.rows,
+            "requests": [{"clip": r.clip.name, "max_new_tokens": r.max_new_tokens} for r in self.requests],
+            "environment": environment(),
+            "checkpoint": self.checkpoint,
+            "table": self.table,
+        }
+        self.path.write_text(json.dumps(document, indent=2, default=str))
+        print(self.table.splitlines()[-1], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

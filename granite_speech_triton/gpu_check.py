@@ -249,22 +249,17 @@ def bench(client: EnsembleClient, variant: str, clips: list[np.ndarray], level: 
 @contextmanager
 def serving(settings: DeploySettings, out: Path) -> Iterator[tuple[int, float]]:
     """Both ensembles on free ports; yields (HTTP port, seconds until ready)."""
-    http, grpc, metrics = server.free_port(), server.free_port(), server.free_port()
     options = server.ServerOptions(
         repositories=render(out / "repository", settings, VARIANTS),
         build_dir=PROJECT_ROOT / "build",
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
+        http_port=server.free_port(),
+        grpc_port=server.free_port(),
+        metrics_port=server.free_port(),
         extra_args=[f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}"] if settings.device == "cuda" else [],
     )
     started = time.perf_counter()
-    process = server.start(options, out / "server.log")
-    try:
-        server.wait_ready(http, process, out / "server.log")
-        yield http, time.perf_counter() - started
-    finally:
-        server.stop(process)
+    with server.running(options, out / "server.log"):
+        yield options.http_port, time.perf_counter() - started
 
 
 # ---- report ----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 #   scripts/install.sh [VENV_DIR]          # default VENV_DIR: .venv in the project root
 #
 # Creates (or reuses) a virtual environment, installs the pinned requirements.txt, then the
-# project itself in editable mode (its templates are read from the source tree) and ./client.
+# project itself in editable mode (its templates are read from the source tree), ./client and ./api.
 # A second run with unchanged inputs returns at once: a stamp in the venv holds the hash of the
 # requirement files and of the settings below; FORCE=1 reinstalls anyway. A dev install
 # (INSTALL_DEV=1) holds all of a plain one, so it satisfies a later plain run as it is
@@ -59,6 +59,7 @@ inputs() {
     if [[ "$INSTALL_PROJECT" == 1 ]]; then
         echo "$ROOT/pyproject.toml"
         [[ -f "$ROOT/client/pyproject.toml" ]] && echo "$ROOT/client/pyproject.toml"
+        [[ -f "$ROOT/api/pyproject.toml" ]] && echo "$ROOT/api/pyproject.toml"
     fi
     if [[ "$1" == 1 ]]; then
         echo "$ROOT/requirements-dev.txt"
@@ -133,6 +134,10 @@ if [[ "$INSTALL_PROJECT" == 1 ]]; then
     if [[ -f "$ROOT/client/pyproject.toml" ]]; then
         log "client: $ROOT/client (editable)"
         pip_install --quiet -e "$ROOT/client"
+    fi
+    if [[ -f "$ROOT/api/pyproject.toml" ]]; then
+        log "api: $ROOT/api (editable)"
+        pip_install -e "$ROOT/api"
     fi
 fi
 

@@ -182,7 +182,7 @@ def test_generated_audio_placeholders_are_embedded_like_transformers(tiny_ar_che
         embeds = load_projector(tiny_ar_checkpoint, cfg.projector)(hidden)[0]
     decoder = load_ar_decoder(tiny_ar_checkpoint)
     request = SpeechRequest(max_new_tokens=200)
-    ours = decoder.transcribe([(request, embeds)])[0].token_ids
+    ours = decoder.transcribe([(request, embeds, None)])[0].token_ids
     assert cfg.audio_token_index in ours
     assert ours == reference_generate(tiny_ar_checkpoint, audio, request.instruction(), 200)
 

@@ -106,7 +106,7 @@ def test_reduced_ar_loads_in_transformers_and_ours_with_the_same_greedy_tokens(r
         embeds = load_projector(reduced_ar, cfg.projector)(hidden)[0]
     decoder = load_ar_decoder(reduced_ar)
     request = SpeechRequest(max_new_tokens=6)
-    ours = decoder.transcribe([(request, embeds)])[0].token_ids
+    ours = decoder.transcribe([(request, embeds, None)])[0].token_ids
     reference = TransformersReference(reduced_ar).generate(audio, request.instruction(), 6)
     assert ours == reference and len(ours) == 6
 

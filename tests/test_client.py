@@ -24,11 +24,13 @@ from granite_speech_client import (
     GraniteSpeechClient,
     InvalidRequestError,
     ModelNotReadyError,
+    Piece,
     RequestTimeoutError,
     ServerRejectedError,
     ServerUnreachableError,
+    Word,
 )
-from granite_speech_client.client import request_inputs
+from granite_speech_client.client import request_inputs, stitch_words
 from granite_speech_client.options import RequestOptions
 
 from granite_speech_triton.serving.server import free_port
@@ -402,6 +404,46 @@ def test_invalid_options_fail_before_anything_is_sent():
             client.transcribe_many([audio], max_in_flight=0, sample_rate=SAMPLE_RATE)
     with pytest.raises(InvalidRequestError, match="unknown task 'summarize'"):
         RequestOptions(task="summarize").validate()
+    with pytest.raises(InvalidRequestError, match="timestamps are only valid when transcribing"):
+        RequestOptions(task="translate", target_language="fr", timestamps=True).validate()
+    with pytest.raises(InvalidRequestError, match="max_pieces_in_flight"):
+        GraniteSpeechClient("127.0.0.1:1", max_pieces_in_flight=0)
+
+
+def test_stitched_words_drop_what_the_overlap_heard_twice():
+    first = Piece(0.0, 10.0, " a b", (1, 2), 0.1, words=(Word(" a", 1.0, 2.0, (1,)), Word(" b", 9.7, 10.0, (2,))))
+    # the second piece starts 0.2 s before the cut and hears the end of " b" again
+    second_words = (Word("b", 9.8, 9.96, (2,)), Word(" c", 11.0, 12.0, (3,)), Word("d", 12.0, 12.5, (4,)))
+    second = Piece(9.8, 20.0, "b c d", (2, 3, 4), 0.1, words=second_words)
+    third = Piece(19.8, 25.0, "e", (5,), 0.1, words=(Word("e", 20.5, 21.0, (5,)),))
+    words = stitch_words([first, second, third])
+    assert [w.text for w in words] == [" a", " b", " c", "d", " e"]
+    assert [w.start_s for w in words] == [1.0, 9.7, 11.0, 12.0, 20.5]
+    straddling = Piece(9.8, 20.0, "x", (7,), 0.1, words=(Word(" x", 9.9, 10.3, (7,)),))
+    assert [(w.start_s, w.end_s) for w in stitch_words([first, straddling])][-1] == (10.0, 10.3)
+
+
+@pytest.mark.server
+def test_long_audio_words_are_each_pieces_words_from_its_start(grpc_client, speech):
+    """Timestamps of a split file: every piece's words are those of its samples sent alone, shifted by
+    where the piece starts; the result's words are in order and make its text."""
+    client = grpc_client
+    audio = long_audio(speech, (33.0, 66.5), 100.0)
+    result = client.transcribe(audio, sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS, timestamps=True)
+    assert len(result.pieces) == 3
+    for piece in result.pieces:
+        samples = audio[round(piece.start_s * SAMPLE_RATE) : round(piece.end_s * SAMPLE_RATE)]
+        alone = client.transcribe(samples, sample_rate=SAMPLE_RATE, max_new_tokens=NEW_TOKENS, timestamps=True)
+        assert alone.words and alone.text == "".join(w.text for w in alone.words)
+        assert alone.token_ids == tuple(t for w in alone.words for t in w.token_ids)
+        assert [w.text for w in piece.words] == [w.text for w in alone.words]
+        shifted = [t + piece.start_s for w in alone.words for t in (w.start_s, w.end_s)]
+        assert [t for w in piece.words for t in (w.start_s, w.end_s)] == pytest.approx(shifted, abs=1e-4)
+        assert all(piece.start_s <= w.start_s < w.end_s <= piece.end_s + 1e-6 for w in piece.words)
+    words = result.words
+    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(words))
+    assert result.text == "".join(w.text for w in words).strip()
+    assert result.token_ids == tuple(t for w in words for t in w.token_ids)
 
 
 @pytest.mark.server

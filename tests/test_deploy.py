@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from granite_speech_api import ApiSettings
 
 from granite_speech_triton import cli
 from granite_speech_triton.serving import server, supervisor
@@ -32,15 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
 DOCKERFILE = DOCKER / "Dockerfile"
+API_DOCKERFILE = DOCKER / "Dockerfile.api"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 INSTALL = ROOT / "scripts" / "install.sh"
 K8S_VERSION = "1.37.0"
 CRD_GROUPS = ("monitoring.coreos.com/",)  # validated structurally below, not by schema
-HTTP, GRPC, METRICS = 8000, 8001, 8002
+HTTP, GRPC, METRICS, API = 8000, 8001, 8002, 8080
 SETTING_NAMES = {f.name for f in fields(DeploySettings)}
 DEEP_HEALTH = ["granite-speech", "health", "--deep", "--server", f"localhost:{GRPC}"]
 # What a stop may take after SIGTERM: the drain, then tritonserver's exit timeout and our margin.
 STOP_S = supervisor.STOP_TIMEOUT_S + supervisor.KILL_MARGIN_S
+API_SETTING_NAMES = {f.name for f in fields(ApiSettings)}
 
 
 def tool(name: str) -> str:
@@ -63,10 +66,10 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 # --- Dockerfile ---------------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs with continuation lines joined and comments dropped."""
     lines, current = [], ""
-    for raw in DOCKERFILE.read_text().splitlines():
+    for raw in path.read_text().splitlines():
         stripped = raw.strip()
         if not current and (not stripped or stripped.startswith("#")):
             continue
@@ -80,17 +83,18 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
-def dockerfile_env() -> dict[str, str]:
+def dockerfile_env(path: Path = DOCKERFILE) -> dict[str, str]:
     env = {}
-    for instruction, args in dockerfile_instructions():
+    for instruction, args in dockerfile_instructions(path):
         if instruction == "ENV":
             for key, value in re.findall(r"(\w+)=(\S+)", args):
                 env[key] = value
     return env
 
 
-def test_dockerfile_passes_hadolint():
-    result = run([tool("hadolint"), "--no-color", str(DOCKERFILE)])
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, API_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile: Path):
+    result = run([tool("hadolint"), "--no-color", str(dockerfile)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
 
@@ -116,9 +120,10 @@ def test_dockerfile_installs_only_through_install_sh():
     assert dockerfile_env()["PATH"].startswith("/opt/venv/bin:"), "the Python backend stub finds the venv via PATH"
 
 
-def test_dockerfile_copies_exist_and_are_not_dockerignored():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, API_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_copies_exist_and_are_not_dockerignored(dockerfile: Path):
     ignored = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
-    copies = [a for i, a in dockerfile_instructions() if i == "COPY"]
+    copies = [a for i, a in dockerfile_instructions(dockerfile) if i == "COPY"]
     assert copies
     for args in copies:
         sources = [s for s in args.split()[:-1] if not s.startswith("--")]
@@ -149,6 +154,26 @@ def test_dockerfile_gst_defaults_are_valid_gpu_settings():
     settings = DeploySettings.from_strings(resolved)
     assert (settings.device, settings.dtype) == ("cuda", "bfloat16")
     assert env["HF_HOME"] == "/data/hf-cache"
+
+
+def test_api_image_is_light_pinned_like_the_venv_and_unprivileged():
+    """No torch in the API image; its pins are requirements.txt's; same uid as the Triton image."""
+    pins = [line for line in (ROOT / "api" / "requirements.txt").read_text().splitlines() if line[:1].isalpha()]
+    venv = (ROOT / "requirements.txt").read_text()
+    for pin in pins:
+        name, version = re.split(r"\[[^\]]*\]|==", pin)[0], pin.split("==")[1]
+        assert re.search(rf"^{re.escape(name)}(\[[^\]]*\])?=={re.escape(version)}$", venv, re.M), pin
+    assert not [p for p in pins if p.startswith(("torch", "transformers", "nvidia"))]
+    instructions = dockerfile_instructions(API_DOCKERFILE)
+    users = [a for i, a in instructions if i == "USER"]
+    assert users[-1] == [a for i, a in dockerfile_instructions() if i == "USER"][-1]
+    env = dockerfile_env(API_DOCKERFILE)
+    gsa = {k.removeprefix("GSA_").lower(): v for k, v in env.items() if k.startswith("GSA_")}
+    settings = ApiSettings.from_strings(gsa)
+    assert (settings.host, settings.port) == ("0.0.0.0", API) and str(API) in next(
+        a for i, a in instructions if i == "EXPOSE"
+    )
+    assert json.loads(next(a for i, a in instructions if i == "ENTRYPOINT")) == ["granite-speech-api"]
 
 
 def default_arg(name: str) -> str:
@@ -307,8 +332,7 @@ def test_install_creates_venv_and_installs_torch_requirements_project_client(ins
     expected = requirement_names((ROOT / "requirements.txt").read_text()) - {"torch"}
     assert requirement_names(filtered) == expected and "nvidia-pytriton" in expected
     editable = [c["args"][-1] for c in calls if "-e" in c["args"]]
-    client = [str(ROOT / "client")] if (ROOT / "client" / "pyproject.toml").exists() else []
-    assert editable == [str(ROOT), *client]
+    assert editable == [str(ROOT), str(ROOT / "client"), str(ROOT / "api")]
 
 
 def test_install_is_idempotent_until_inputs_change(installer: Installer):
@@ -415,6 +439,18 @@ def duration_s(text: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", text))
 
 
+def test_compose_api_service_talks_to_the_triton_service():
+    services = compose()["services"]
+    api = services["api"]
+    assert (DOCKER / api["build"]["context"] / api["build"]["dockerfile"]).resolve() == API_DOCKERFILE
+    assert f"{API}:{API}" in api["ports"]
+    assert api["depends_on"]["triton"]["condition"] == "service_healthy"
+    gsa = {k.removeprefix("GSA_").lower(): str(v) for k, v in api["environment"].items() if k.startswith("GSA_")}
+    assert set(gsa) <= API_SETTING_NAMES
+    assert gsa["triton_url"] == f"triton:{GRPC}" and f"{GRPC}:{GRPC}" in services["triton"]["ports"]
+    assert f"localhost:{API}/health" in " ".join(api["healthcheck"]["test"])
+
+
 def test_prometheus_scrapes_triton_metrics():
     services = compose()["services"]
     prometheus = services["prometheus"]
@@ -469,13 +505,18 @@ def test_kubernetes_validate_rejects_a_misspelt_field():
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
+def container(name: str) -> dict:
+    containers = resource("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["triton", "api"]
+    return next(c for c in containers if c["name"] == name)
+
+
 def triton_container() -> dict:
-    (container,) = resource("Deployment")["spec"]["template"]["spec"]["containers"]
-    return container
+    return container("triton")
 
 
 def container_port(name_or_number: str | int) -> int:
-    ports = {p["name"]: p["containerPort"] for p in triton_container()["ports"]}
+    ports = {p["name"]: p["containerPort"] for name in ("triton", "api") for p in container(name)["ports"]}
     return ports[name_or_number] if isinstance(name_or_number, str) else name_or_number
 
 
@@ -532,6 +573,7 @@ def test_k8s_service_and_servicemonitor_reach_the_pods():
         "http": (HTTP, HTTP),
         "grpc": (GRPC, GRPC),
         "metrics": (METRICS, METRICS),
+        "api": (API, API),
     }
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
@@ -560,8 +602,21 @@ def test_kustomization_lists_the_serving_resources():
     assert all((K8S / name).is_file() for name in listed)
     serving = {d["_file"] for d in manifests().values() if d["kind"] not in ("Kustomization", "Job", "ConfigMap")}
     assert listed == serving
-    image = triton_container()["image"]
-    assert [i["name"] for i in kustomization["images"]] == [image]
+    assert [i["name"] for i in kustomization["images"]] == [container("triton")["image"], container("api")["image"]]
+
+
+def test_k8s_api_container_talks_to_its_own_triton():
+    """The API sidecar reaches Triton over loopback gRPC; it is ready when its /health is (Triton
+    serves a model) and alive while its port answers, so a loading Triton does not restart it."""
+    api = container("api")
+    env = {e["name"]: e["value"] for e in api["env"]}
+    settings = ApiSettings.from_strings({k.removeprefix("GSA_").lower(): v for k, v in env.items()})
+    assert settings.triton_url == f"127.0.0.1:{GRPC}" and settings.host == "0.0.0.0"
+    assert container_port(api["readinessProbe"]["httpGet"]["port"]) == settings.port == API
+    assert api["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container_port(api["livenessProbe"]["tcpSocket"]["port"]) == API
+    assert api["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in {m["mountPath"] for m in api["volumeMounts"]}
+    assert "nvidia.com/gpu" not in api["resources"].get("limits", {})
 
 
 def test_production_configs_never_let_clients_load_models():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import ARDecoder, load_ar_decoder
-from granite_speech_triton.model.engine import EngineConfig, Finish, Overloaded, Policy, Scheduler, Sequence
+from granite_speech_triton.model.engine import EngineConfig, Finish, Overloaded, Policy, Row, Scheduler, Sequence
 from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.kv_cache import KVLayout, KVPool
 from granite_speech_triton.model.projector import num_audio_tokens
@@ -100,7 +100,7 @@ def test_scheduler_admits_first_come_first_served_within_its_bounds(policy):
     else:  # a static batch takes every free row at once, prefilled in budget-sized packs
         assert [s.prompt_length for s in first] == [60, 30, 30]
         assert [[s.prompt_length for s in p] for p in scheduler.packs(first)] == [[60, 30], [30]]
-    scheduler.running.extend(first)
+    scheduler.running.extend(Row(seq) for seq in first)
     second = scheduler.admit()
     assert [s.prompt_length for s in second] == ([30] if policy is Policy.INFLIGHT else [])
     scheduler.waiting.appendleft(fake(500))
@@ -165,7 +165,7 @@ def test_a_late_request_joins_in_flight_or_waits_for_the_static_batch(tiny_ar_ch
     joined_a_running_batch = False
     while not engine.idle:
         engine.step()
-        if late.row >= 0 or late.finish:
+        if late.rows or late.finish:
             joined_a_running_batch |= any(s.finish is None for s in first)
     assert joined_a_running_batch == (policy is Policy.INFLIGHT)
     for seq in [*first, late]:
@@ -206,7 +206,7 @@ def test_cancelled_and_expired_requests_leave_at_the_next_step(tiny_ar_checkpoin
     engine.step()
     assert {s.finish for s in (by_key, by_flag, queued)} == {Finish.CANCELLED}
     assert late.finish is Finish.DEADLINE and "deadline" in late.message
-    assert engine.scheduler.running == [keep] and keep.row == 0
+    assert engine.scheduler.running_sequences() == [keep] and keep.rows[0].index == 0
     assert int(engine.pool.lengths[0]) == keep.prompt_length + len(keep.tokens) - 1
     assert int(engine.pool.lengths[1:].sum()) == 0  # the dropped rows are free
     assert {id(s) for s in ended} == {id(s) for s in (by_key, by_flag, late, queued)}

@@ -20,10 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from granite_speech_triton.demo import RANDOM_WEIGHTS_NOTE, describe, escape
 from granite_speech_triton.serving import server
-from granite_speech_triton.serving.repository import DeploySettings, render
+from granite_speech_triton.serving.repository import ENSEMBLE_FOLDERS, MODELS, DeploySettings, render
 
 ROOT = Path(__file__).resolve().parents[1]
-AR_MODELS = ("ar_feature_extractor", "ar_conformer_encoder", "ar_qformer_projector", "ar_llm_decoder")
 # What Triton logs on a host without a GPU unless it is started with options for one.
 GPU_NOISE = ("NVML", "DCGM", "Unable to allocate pinned system memory")
 TERMINAL_NOISE = (*GPU_NOISE, "CUDA", "CudaDriverHelper", "model of type", "Traceback")
@@ -244,13 +243,14 @@ def test_demo_reports_each_model_then_a_transcript_a_newcomer_can_read(tiny_ar_c
         lines[0] == f"starting tritonserver on 127.0.0.1 (HTTP {http}, gRPC {grpc}, metrics {metrics}; log: {log_path})"
     )
     ready = [line.split()[0] for line in lines if re.fullmatch(r"  \w+ +READY +\d+\.\d s", line)]
-    assert sorted(ready) == sorted([*AR_MODELS, "granite_speech"])
-    assert re.fullmatch(r"server ready: 5 models in \d+\.\d s", lines[6])
-    transcript = lines[7]
+    expected = [*MODELS["ar"], *ENSEMBLE_FOLDERS["ar"]]
+    assert sorted(ready) == sorted(expected)
+    assert re.fullmatch(rf"server ready: {len(expected)} models in \d+\.\d s", lines[1 + len(expected)])
+    transcript = lines[2 + len(expected)]
     assert re.match(
         r"\[ar\] granite_speech_demo\.wav: 7\.4 s of audio in \d+\.\d\d s \(RTFx [\d.]+\), \d+ tokens: ", transcript
     )
-    assert transcript.isprintable() and lines[8:] == [RANDOM_WEIGHTS_NOTE]
+    assert transcript.isprintable() and lines[3 + len(expected) :] == [RANDOM_WEIGHTS_NOTE]
     output = done.stdout + done.stderr
     assert not [noise for noise in TERMINAL_NOISE if noise in output], output
     log = log_path.read_text()

@@ -16,6 +16,7 @@ from transformers.models.granite_speech.modeling_granite_speech import GraniteSp
 from granite_speech_triton.model.audio import SAMPLE_RATE, Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import CheckpointError
 from granite_speech_triton.model.ctc import ctc_collapse, ctc_collapse_segments
+from granite_speech_triton.model.draft import posterior_weighted_pool
 from granite_speech_triton.model.nar import (
     NARModel,
     NARModelConfig,
@@ -24,7 +25,6 @@ from granite_speech_triton.model.nar import (
     insertion_slots,
     load_nar_config,
     load_nar_model,
-    posterior_weighted_pool,
 )
 from granite_speech_triton.model.ragged import pack_groups
 from granite_speech_triton.model.weights import read_tensors

@@ -21,7 +21,7 @@ from placement_check import DEVICE, HOST, DeviceDiscipline, DeviceMixError
 from granite_speech_triton.model.audio import FEATURE_DIM, Framing, LogMelFrontEnd, check_waveform
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import load_ar_decoder
-from granite_speech_triton.model.encoder import encode_batch, load_encoder
+from granite_speech_triton.model.encoder import encode_batch, load_encoder, pad_batch
 from granite_speech_triton.model.nar import (
     load_nar_config,
     load_nar_encoder,
@@ -65,7 +65,7 @@ def ar_encoder(ar: Path, _nar: Path):
 
 def nar_encoder(_ar: Path, nar: Path):
     encoder = load_nar_encoder(nar, load_nar_config(nar), CPU, MODEL_DTYPE)
-    return lambda batch: [x for x, _ in encoder.encode_utterances(batch)]
+    return lambda batch: encoder.encode(*pad_batch(batch)).projector_inputs
 
 
 def ar_projector(ar: Path, _nar: Path):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-NUMPY_TYPES = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_}
+NUMPY_TYPES = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32}
 
 
 def make_inputs(audio: np.ndarray, **options) -> list[grpcclient.InferInput]:

@@ -18,11 +18,13 @@ from .errors import (
     ServerRejectedError,
     ServerUnreachableError,
 )
-from .options import ASR_LANGUAGES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS
-from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
+from .options import ASR_LANGUAGES, DECODE_MODES, NAR_LANGUAGES, TASKS, TRANSLATION_TARGETS, VARIANTS, Decoding
+from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate, Word
 
 __all__ = [
     "ASR_LANGUAGES",
+    "DECODE_MODES",
+    "Decoding",
     "NAR_LANGUAGES",
     "SAMPLE_RATE",
     "TASKS",
@@ -42,6 +44,7 @@ __all__ = [
     "ServerUnreachableError",
     "SpeechResult",
     "StreamUpdate",
+    "Word",
     "load_audio",
     "split_points",
 ]

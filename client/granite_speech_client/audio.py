@@ -9,6 +9,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -25,11 +26,11 @@ SEARCH_S = 8.0  # s; a cut is searched in the last SEARCH_S seconds before the l
 OVERLAP_S = 0.2  # s; each piece starts this much before the previous cut
 LIMIT_MARGIN_S = 0.5  # s; pieces stay this far below the server's limit
 
-AudioSource = str | os.PathLike | bytes | bytearray | np.ndarray
+AudioSource = str | os.PathLike | bytes | bytearray | BinaryIO | np.ndarray
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarray:
-    """A file path, file bytes or numpy array -> mono float32 [samples] at 16 kHz.
+    """A file path, file bytes, binary file object or numpy array -> mono float32 [samples] at 16 kHz.
 
     Arrays are [samples] or [samples, channels] (soundfile's layout); `sample_rate` is required
     for them and ignored (must be None or match) for files, whose header gives the rate.
@@ -43,13 +44,17 @@ def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarra
     return to_mono_16k(samples, rate)
 
 
-def _decode(source: str | os.PathLike | bytes | bytearray) -> tuple[np.ndarray, int]:
-    is_bytes = isinstance(source, (bytes, bytearray))
-    name = "audio bytes" if is_bytes else str(source)
-    if not is_bytes and not Path(source).is_file():
-        raise AudioInputError(f"{name}: no such file")
+def _decode(source: str | os.PathLike | bytes | bytearray | BinaryIO) -> tuple[np.ndarray, int]:
+    if isinstance(source, (bytes, bytearray)):
+        name, source = "audio bytes", io.BytesIO(source)
+    elif hasattr(source, "read"):
+        name = "audio file"
+    else:
+        name = str(source)
+        if not Path(source).is_file():
+            raise AudioInputError(f"{name}: no such file")
     try:
-        samples, rate = soundfile.read(io.BytesIO(source) if is_bytes else source, dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         detail = getattr(exc, "error_string", None) or str(exc)
         raise AudioInputError(f"{name}: not a readable audio file (wav, flac, ogg...): {detail}") from exc

@@ -3,6 +3,7 @@
     granite-speech transcribe a.wav b.flac [--variant ar|nar] [--language en] [--json]
     granite-speech translate a.wav --to fr [--language en] [--punctuate]
     granite-speech transcribe a.wav --stream       (AR: prints the text as it is generated)
+    granite-speech transcribe a.wav --decode-mode cascade|beam|speculative [--num-beams 2]
     granite-speech health [--deep]         (--deep: a tiny request through every ready pipeline)
 
 Exit codes:
@@ -29,7 +30,16 @@ from typing import TextIO
 
 from .client import PIPELINES, GraniteSpeechClient
 from .errors import GraniteSpeechError, InvalidRequestError, ServerOverloadedError
-from .options import ASR_LANGUAGES, ENSEMBLES, TRANSLATION_TARGETS, VARIANTS, RequestOptions, parse_keywords
+from .options import (
+    ASR_LANGUAGES,
+    DECODE_MODES,
+    ENSEMBLES,
+    TRANSLATION_TARGETS,
+    VARIANTS,
+    Decoding,
+    RequestOptions,
+    parse_keywords,
+)
 from .results import ItemResult, PipelineCheck
 from .streaming import STREAMING_MODEL
 
@@ -149,10 +159,14 @@ def run_streams(args: argparse.Namespace, options: RequestOptions, open_stream: 
     return EXIT_OK
 
 
+def decoding(args: argparse.Namespace) -> Decoding:
+    return Decoding(args.decode_mode, args.num_beams, args.confidence, args.entropy_gate)
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
     keywords = parse_keywords(args.keywords)
     options = RequestOptions(
-        args.variant, "transcribe", args.language, None, keywords, args.punctuate, args.max_new_tokens
+        args.variant, "transcribe", args.language, None, keywords, args.punctuate, args.max_new_tokens, decoding(args)
     )
     if args.stream:
         return run_streams(
@@ -164,6 +178,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 keywords=keywords,
                 punctuate=args.punctuate,
                 max_new_tokens=args.max_new_tokens,
+                decoding=options.decoding,
             ),
         )
     return run_files(
@@ -176,13 +191,16 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             keywords=keywords,
             punctuate=args.punctuate,
             max_new_tokens=args.max_new_tokens,
+            decoding=options.decoding,
             **kw,
         ),
     )
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    options = RequestOptions("ar", "translate", args.language, args.to, (), args.punctuate, args.max_new_tokens)
+    options = RequestOptions(
+        "ar", "translate", args.language, args.to, (), args.punctuate, args.max_new_tokens, decoding(args)
+    )
     if args.stream:
         return run_streams(
             args,
@@ -193,6 +211,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
                 language=args.language,
                 punctuate=args.punctuate,
                 max_new_tokens=args.max_new_tokens,
+                decoding=options.decoding,
             ),
         )
     return run_files(
@@ -204,6 +223,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
             language=args.language,
             punctuate=args.punctuate,
             max_new_tokens=args.max_new_tokens,
+            decoding=options.decoding,
             **kw,
         ),
     )
@@ -267,6 +287,11 @@ def add_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="AR decode limit")
     parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated (AR)")
+    group = parser.add_argument_group("decoding (AR)")
+    group.add_argument("--decode-mode", choices=DECODE_MODES, default="greedy", help="default greedy")
+    group.add_argument("--num-beams", type=int, default=None, metavar="N", help="beam and cascade: 1..4 (default 2)")
+    group.add_argument("--confidence", type=float, default=None, metavar="P", help="cascade: default 0.4")
+    group.add_argument("--entropy-gate", type=float, default=None, metavar="H", help="cascade: default 0 (off)")
     parser.add_argument("--max-in-flight", type=int, default=8, metavar="N", help="concurrent requests (default 8)")
     parser.add_argument(
         "--progress",

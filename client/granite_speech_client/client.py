@@ -6,15 +6,25 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioSource, Span, is_digital_silence, load_audio, probe_audio, split_points
 from .errors import AudioInputError, GraniteSpeechError, InvalidRequestError, ModelNotReadyError
-from .options import ENSEMBLES, FEATURE_EXTRACTORS, MAX_TIMEOUT_MS, VARIANTS, RequestOptions, parse_keywords
-from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate
-from .streaming import STREAMING_MODEL, stream
+from .options import (
+    ENSEMBLES,
+    FEATURE_EXTRACTORS,
+    MAX_TIMEOUT_MS,
+    VARIANTS,
+    Decoding,
+    RequestOptions,
+    as_decoding,
+    parse_keywords,
+)
+from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate, Word
+from .streaming import STREAMING_MODEL, decode_text, stream
 from .transport import ConnectionSettings, TransportPool, normalize_url
 
 DEFAULT_MAX_AUDIO_SECONDS = 120.0  # used when the server's feature extractor does not say
@@ -22,6 +32,7 @@ DEFAULT_MAX_AUDIO_SECONDS = 120.0  # used when the server's feature extractor do
 PIPELINES = {ENSEMBLES["ar"]: "ar", ENSEMBLES["nar"]: "nar", STREAMING_MODEL: "ar"}
 PROBE_NEW_TOKENS = 1  # AR: one generated token shows that every step ran
 OUTPUTS = ("TEXT", "TOKEN_IDS")
+WORD_OUTPUTS = ("WORDS", "WORD_TIMES", "WORD_TOKENS")  # with TIMESTAMPS
 
 Keywords = str | Sequence[str] | None
 
@@ -32,7 +43,8 @@ class GraniteSpeechClient:
     One instance may be shared by threads (each thread gets its own tritonclient connection).
     Audio may be a file path, the bytes of a file (wav, flac, ogg, anything soundfile reads) or a
     numpy array [samples] / [samples, channels] with `sample_rate`. It is downmixed to mono and
-    resampled to 16 kHz; audio longer than the server's limit is split at quiet points.
+    resampled to 16 kHz; audio longer than the server's limit is split at quiet points and its pieces
+    sent `max_pieces_in_flight` at a time.
     """
 
     def __init__(
@@ -45,13 +57,17 @@ class GraniteSpeechClient:
         retries: int = 2,
         retry_backoff_s: float = 0.5,
         max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
+        max_pieces_in_flight: int = 4,
     ) -> None:
+        if max_pieces_in_flight < 1:
+            raise InvalidRequestError(f"max_pieces_in_flight must be at least 1, got {max_pieces_in_flight}")
         self.settings = ConnectionSettings(
             normalize_url(url, protocol), protocol, timeout_s, connect_timeout_s, retries, retry_backoff_s
         )
         self.fallback_max_audio_seconds = max_audio_seconds
+        self.max_pieces_in_flight = max_pieces_in_flight
         self._pool = TransportPool(self.settings)
-        self._limits: dict[str, float] = {}
+        self._parameters_by_variant: dict[str, dict[str, str]] = {}
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -65,11 +81,16 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
+        timestamps: bool = False,
     ) -> SpeechResult:
-        """Speech -> text in `language`. keywords, punctuate and max_new_tokens are AR only."""
+        """Speech -> text in `language`. keywords, punctuate, max_new_tokens and decoding (a Decoding,
+        or a mode name: greedy, beam, cascade, speculative) are AR only. timestamps: the result's
+        `words` with their start and end times."""
         options = RequestOptions(
-            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
-        )
+            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
+            as_decoding(decoding), timestamps,
+        )  # fmt: skip
         return self._run(audio, options, sample_rate)
 
     def translate(
@@ -82,9 +103,12 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> SpeechResult:
         """Speech in `language` -> text in `target_language` (AR only; one side English)."""
-        options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
+        options = RequestOptions(
+            variant, "translate", language, target_language, (), punctuate, max_new_tokens, as_decoding(decoding)
+        )
         return self._run(audio, options, sample_rate)
 
     def transcribe_many(
@@ -99,6 +123,7 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> list[ItemResult]:
         """Transcribe many inputs concurrently, at most `max_in_flight` at a time.
 
@@ -107,8 +132,9 @@ class GraniteSpeechClient:
         Bad options raise InvalidRequestError before anything is sent.
         """
         options = RequestOptions(
-            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
-        )
+            variant, "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
+            as_decoding(decoding),
+        )  # fmt: skip
         return self._many(list(items), options, sample_rate, max_in_flight, on_result)
 
     def translate_many(
@@ -123,9 +149,12 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> list[ItemResult]:
         """`translate` for many inputs; see `transcribe_many`."""
-        options = RequestOptions(variant, "translate", language, target_language, (), punctuate, max_new_tokens)
+        options = RequestOptions(
+            variant, "translate", language, target_language, (), punctuate, max_new_tokens, as_decoding(decoding)
+        )
         return self._many(list(items), options, sample_rate, max_in_flight, on_result)
 
     def transcribe_stream(
@@ -137,12 +166,14 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> Iterator[StreamUpdate]:
         """`transcribe` (AR) yielding the growing text as the server generates it; the last update
         is final. Stopping the iteration early cancels the request on the server (gRPC)."""
         options = RequestOptions(
-            "ar", "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens
-        )
+            "ar", "transcribe", language, None, parse_keywords(keywords), punctuate, max_new_tokens,
+            as_decoding(decoding),
+        )  # fmt: skip
         return self._stream(audio, options, sample_rate)
 
     def translate_stream(
@@ -154,15 +185,28 @@ class GraniteSpeechClient:
         punctuate: bool = False,
         max_new_tokens: int | None = None,
         sample_rate: int | None = None,
+        decoding: Decoding | str | None = None,
     ) -> Iterator[StreamUpdate]:
         """`translate` yielding the growing text; see `transcribe_stream`."""
-        options = RequestOptions("ar", "translate", language, target_language, (), punctuate, max_new_tokens)
+        options = RequestOptions(
+            "ar", "translate", language, target_language, (), punctuate, max_new_tokens, as_decoding(decoding)
+        )
         return self._stream(audio, options, sample_rate)
 
     def max_audio_seconds(self, variant: str = "ar") -> float:
         """The server's audio limit for `variant` (its feature extractor's `max_audio_seconds`)."""
+        value = self._parameters(variant).get("max_audio_seconds", "")
+        return float(value) if value else self.fallback_max_audio_seconds
+
+    def max_new_tokens_limit(self, variant: str = "ar") -> int | None:
+        """The largest `max_new_tokens` the server takes for `variant` (None when its config does not say)."""
+        value = self._parameters(variant).get("max_new_tokens_limit", "")
+        return int(value) if value else None
+
+    def _parameters(self, variant: str) -> dict[str, str]:
+        """The `parameters` of the variant's feature extractor, read once."""
         check_variant(variant)
-        if variant not in self._limits:
+        if variant not in self._parameters_by_variant:
             model = FEATURE_EXTRACTORS[variant]
             try:
                 parameters = self._pool.get().model_parameters(model)
@@ -171,9 +215,8 @@ class GraniteSpeechClient:
                     f"variant {variant!r} is not served by {self.settings.url}: "
                     f"model {model!r} (part of ensemble {ENSEMBLES[variant]!r}) is not available ({exc})"
                 ) from exc
-            value = parameters.get("max_audio_seconds", "")
-            self._limits[variant] = float(value) if value else self.fallback_max_audio_seconds
-        return self._limits[variant]
+            self._parameters_by_variant[variant] = parameters
+        return self._parameters_by_variant[variant]
 
     def health(self) -> Health:
         """Server liveness and readiness, and the readiness of each ensemble."""
@@ -225,14 +268,33 @@ class GraniteSpeechClient:
         seconds = waveform.shape[0] / SAMPLE_RATE
         if seconds <= limit:
             started = time.perf_counter()
-            text, token_ids = self._infer(waveform, options)
-            return SpeechResult(text, token_ids, options.variant, options.task, seconds, time.perf_counter() - started)
-        pieces = tuple(self._piece(waveform, span, options) for span in split_points(waveform, limit))
+            text, token_ids, words = self._infer(waveform, options)
+            latency = time.perf_counter() - started
+            return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, words=words)
+        pieces = self._pieces(waveform, split_points(waveform, limit), options)
         sent = [p for p in pieces if not p.skipped]  # none when every sample is zero: an empty result
+        latency = sum(p.latency_s for p in sent)
+        if options.timestamps:
+            words = stitch_words(sent)
+            text, token_ids = "".join(w.text for w in words).strip(), tuple(t for w in words for t in w.token_ids)
+            return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, pieces, words)
         text = " ".join(p.text.strip() for p in sent if p.text.strip())
         token_ids = tuple(t for p in sent for t in p.token_ids)
-        latency = sum(p.latency_s for p in sent)
         return SpeechResult(text, token_ids, options.variant, options.task, seconds, latency, pieces)
+
+    def _pieces(self, waveform: np.ndarray, spans: list[Span], options: RequestOptions) -> tuple[Piece, ...]:
+        """Every piece's result, in order, with up to `max_pieces_in_flight` requests at a time."""
+        workers: set[int] = set()
+
+        def work(span: Span) -> Piece:
+            workers.add(threading.get_ident())
+            return self._piece(waveform, span, options)
+
+        try:
+            with ThreadPoolExecutor(min(self.max_pieces_in_flight, len(spans)), "granite-speech-piece") as pool:
+                return tuple(pool.map(work, spans))
+        finally:
+            self._pool.discard(workers)  # the worker threads are gone; close their connections
 
     def _piece(self, waveform: np.ndarray, span: Span, options: RequestOptions) -> Piece:
         start_s, end_s = span.seconds
@@ -240,15 +302,21 @@ class GraniteSpeechClient:
         if is_digital_silence(samples):  # the server would answer it with empty text
             return Piece(start_s, end_s, "", (), 0.0, skipped=True)
         started = time.perf_counter()
-        text, token_ids = self._infer(samples, options)
-        return Piece(start_s, end_s, text, token_ids, time.perf_counter() - started)
+        text, token_ids, words = self._infer(samples, options, start_s)
+        return Piece(start_s, end_s, text, token_ids, time.perf_counter() - started, words=words)
 
-    def _infer(self, waveform: np.ndarray, options: RequestOptions) -> tuple[str, tuple[int, ...]]:
+    def _infer(
+        self, waveform: np.ndarray, options: RequestOptions, offset_s: float = 0.0
+    ) -> tuple[str, tuple[int, ...], tuple[Word, ...]]:
+        """One request: text, token ids and, with timestamps, the words (times from `offset_s`)."""
         inputs = request_inputs(waveform, options, self.settings.timeout_s)
-        outputs = self._pool.get().infer(ENSEMBLES[options.variant], inputs, OUTPUTS)
-        text = outputs["TEXT"].reshape(-1)[0]
-        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-        return text, tuple(int(t) for t in outputs["TOKEN_IDS"].reshape(-1))
+        outputs = OUTPUTS + (WORD_OUTPUTS if options.timestamps else ())
+        result = self._pool.get().infer(ENSEMBLES[options.variant], inputs, outputs)
+        text = decode_text(result["TEXT"].reshape(-1)[0])
+        token_ids = tuple(int(t) for t in result["TOKEN_IDS"].reshape(-1))
+        if not options.timestamps:
+            return text, token_ids, ()
+        return text, token_ids, timed_words(result, token_ids, offset_s, waveform.shape[0] / SAMPLE_RATE)
 
     # ---- streaming --------------------------------------------------------------------------
 
@@ -341,13 +409,69 @@ def request_inputs(waveform: np.ndarray, options: RequestOptions, timeout_s: flo
     for name, value in texts.items():
         if value:
             inputs[name] = np.array([[value.encode("utf-8")]], dtype=np.object_)  # [1, 1]
-    if options.punctuate:
-        inputs["PUNCTUATE"] = np.array([[True]])
+    for name, flag in (("PUNCTUATE", options.punctuate), ("TIMESTAMPS", options.timestamps)):
+        if flag:
+            inputs[name] = np.array([[True]])
     if options.max_new_tokens is not None:
         inputs["MAX_NEW_TOKENS"] = np.array([[options.max_new_tokens]], dtype=np.int32)
+    inputs.update(decoding_inputs(options.decoding))
     if options.variant == "ar":
         inputs["TIMEOUT_MS"] = np.array([[min(int(timeout_s * 1000), MAX_TIMEOUT_MS)]], dtype=np.int32)
     return inputs
+
+
+def decoding_inputs(decoding: Decoding) -> dict[str, np.ndarray]:
+    """DECODE_MODE, NUM_BEAMS, CONFIDENCE, ENTROPY_GATE: those that are not the server's defaults."""
+    inputs = {}
+    if decoding.mode != "greedy":
+        inputs["DECODE_MODE"] = np.array([[decoding.mode.encode()]], dtype=np.object_)
+    if decoding.num_beams is not None:
+        inputs["NUM_BEAMS"] = np.array([[decoding.num_beams]], dtype=np.int32)
+    for name, value in (("CONFIDENCE", decoding.confidence), ("ENTROPY_GATE", decoding.entropy_gate)):
+        if value is not None:
+            inputs[name] = np.array([[value]], dtype=np.float32)
+    return inputs
+
+
+def timed_words(
+    outputs: dict[str, np.ndarray], token_ids: tuple[int, ...], offset_s: float, seconds: float
+) -> tuple[Word, ...]:
+    """The WORDS, WORD_TIMES and WORD_TOKENS of one response as Words, `offset_s` added to every time.
+
+    The aligner's times are multiples of its 80 ms frames; the last word's end is kept within the audio.
+    """
+    counts = [int(n) for n in outputs["WORD_TOKENS"].reshape(-1)]
+    first = np.cumsum([0, *counts]).tolist()
+    times = outputs["WORD_TIMES"].reshape(-1, 2)
+    return tuple(
+        Word(
+            decode_text(text),
+            offset_s + min(float(start), seconds),
+            offset_s + min(float(end), seconds),
+            token_ids[first[i] : first[i + 1]],
+        )
+        for i, (text, (start, end)) in enumerate(zip(outputs["WORDS"].reshape(-1), times, strict=True))
+    )
+
+
+def stitch_words(pieces: Sequence[Piece]) -> tuple[Word, ...]:
+    """The words of a split file's pieces in order. Each piece starts OVERLAP_S before the previous
+    one's end, so a word heard by both is dropped from the later piece (its middle lies before the
+    previous piece's end), and a kept word starts no earlier than that end (words never overlap); a
+    later piece's first word is separated from the earlier text by a space."""
+    words: list[Word] = []
+    previous_end = 0.0
+    for piece in pieces:
+        kept = [
+            replace(w, start_s=max(w.start_s, previous_end))
+            for w in piece.words
+            if (w.start_s + w.end_s) / 2 >= previous_end
+        ]
+        if words and kept and not kept[0].text[:1].isspace():
+            kept[0] = replace(kept[0], text=" " + kept[0].text)
+        words += kept
+        previous_end = piece.end_s
+    return tuple(words)
 
 
 def check_variant(variant: str) -> str:

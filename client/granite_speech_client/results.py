@@ -9,6 +9,19 @@ from .errors import GraniteSpeechError
 
 
 @dataclass(frozen=True)
+class Word:
+    """One word of a transcript and where it is in the audio (`timestamps=True`).
+
+    Times come from CTC forced alignment on the encoder's 80 ms frames (server README).
+    """
+
+    text: str  # as in the transcript, leading space included: a piece's words joined are its text
+    start_s: float  # from the start of the whole audio
+    end_s: float
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Piece:
     """One request of a split (long) file."""
 
@@ -18,6 +31,7 @@ class Piece:
     token_ids: tuple[int, ...]
     latency_s: float
     skipped: bool = False  # digital silence: not sent (the server would answer empty text)
+    words: tuple[Word, ...] = ()  # with timestamps: the piece's words, times from the start of the audio
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,7 @@ class SpeechResult:
     audio_seconds: float  # length of the 16 kHz mono audio
     latency_s: float  # wall time of the request(s), decoding and splitting excluded
     pieces: tuple[Piece, ...] = ()  # empty unless the audio was longer than the server's limit
+    words: tuple[Word, ...] = ()  # with timestamps: every word, each piece's overlap with the previous dropped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,9 +15,11 @@ from transformers import AutoTokenizer, GenerationConfig, GraniteConfig, Granite
 
 from .audio import SAMPLE_RATE, ar_encoder_length
 from .config import ARModelConfig, read_config_json
-from .engine import DecodeEngine, EngineConfig, Sequence, engine_for
+from .draft import OUT_LLM_FILE, Draft
+from .engine import DecodeEngine, EngineConfig, Mode, Sequence, engine_for
+from .errors import RequestError
 from .projector import num_audio_tokens
-from .prompts import SpeechRequest, build_prompt_ids
+from .prompts import DRAFT_MODES, SpeechRequest, build_prompt_ids
 from .weights import load_module
 
 PROMPT_ALLOWANCE = 256  # tokens of chat template, instruction and keywords around the audio tokens
@@ -68,25 +70,50 @@ class Transcript:
 
 
 class ARDecoder:
-    """Request options + audio rows -> engine sequences; tokens -> text."""
+    """Request options, audio rows and the encoder's draft -> engine sequences; tokens -> text."""
 
-    def __init__(self, engine: DecodeEngine, tokenizer) -> None:
+    def __init__(self, engine: DecodeEngine, tokenizer, drafts_available: bool) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.drafts_available = drafts_available  # the checkpoint has a CTC draft head (out_llm)
 
-    def sequence(self, request: SpeechRequest, audio_embeds: torch.Tensor, **fields) -> Sequence:
-        """The request's engine sequence; RequestError if it cannot fit. `fields` set Sequence fields."""
+    def sequence(
+        self, request: SpeechRequest, audio_embeds: torch.Tensor, draft: Draft | None = None, **fields
+    ) -> Sequence:
+        """The request's engine sequence; RequestError if it cannot be served. `fields` set Sequence fields."""
         ids = build_prompt_ids(self.tokenizer, request, audio_embeds.shape[0])
-        seq = Sequence(ids, audio_embeds, request.max_new_tokens, **fields)
+        mode = Mode(request.decode_mode)
+        if mode.value in DRAFT_MODES:
+            if draft is None or not self.drafts_available:
+                raise RequestError(
+                    f"DECODE_MODE {mode.value} needs the encoder's CTC draft: the checkpoint has no "
+                    f"{OUT_LLM_FILE} (or the encoder runs on the libtorch backend, which makes no drafts)"
+                )
+            fields |= {"draft_ids": self.draft_tokens(draft.ids), "draft_entropy": draft.max_entropy}
+        seq = Sequence(
+            ids,
+            audio_embeds,
+            request.max_new_tokens,
+            mode=mode,
+            num_beams=request.num_beams,
+            confidence=request.confidence,
+            entropy_gate=request.entropy_gate,
+            **fields,
+        )
         self.engine.check(seq)
         return seq
+
+    def draft_tokens(self, ctc_ids: list[int]) -> list[int]:
+        """The draft as the LLM would write it: its text, stripped, tokenized again (MODEL_SPEC.md 3b)."""
+        text = self.tokenizer.decode(ctc_ids)
+        return self.tokenizer.encode(text.strip(), add_special_tokens=False)
 
     def text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def transcribe(self, requests: list[tuple[SpeechRequest, torch.Tensor]]) -> list[Transcript]:
-        """In-process: decode every (options, audio rows) pair to the end, together."""
-        generated = self.engine.generate([self.sequence(r, e) for r, e in requests])
+    def transcribe(self, requests: list[tuple[SpeechRequest, torch.Tensor, Draft | None]]) -> list[Transcript]:
+        """In-process: decode every (options, audio rows, draft) to the end, together."""
+        generated = self.engine.generate([self.sequence(r, e, d) for r, e, d in requests])
         return [Transcript(self.text(ids), ids) for ids in generated]
 
 
@@ -111,4 +138,4 @@ def load_ar_decoder(
     llm = load_llm(checkpoint, config.text, device, dtype)
     bounded = replace(engine, max_tokens_per_row=min(engine.max_tokens_per_row, llm.config.max_position_embeddings))
     decoding = engine_for(llm, config.audio_token_index, eos_token_ids(checkpoint, config.text), bounded)
-    return ARDecoder(decoding, load_tokenizer(checkpoint))
+    return ARDecoder(decoding, load_tokenizer(checkpoint), (Path(checkpoint) / OUT_LLM_FILE).is_file())

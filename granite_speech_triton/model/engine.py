@@ -1,15 +1,24 @@
-"""AR decoding engine: in-flight batching of greedy decoding over transformers' Granite.
+"""AR decoding engine: in-flight batching of every decoding mode over transformers' Granite.
 
-    submit(Sequence) -> waiting --Scheduler.admit--> packed prefill: the first token of each
+    submit(Sequence) -> waiting --Scheduler.admit--> packed prefill (a draft to verify included)
                                                   -> decode steps: every live row, one forward per step
-                                                  -> done: end of text, budget, cancelled or past deadline
+                                                  -> done: end of text, budget, accepted draft,
+                                                     cancelled, past its deadline, or overloaded
 
 The scheduler decides who runs in a step, `GraniteRunner` runs one forward, `KVPool` owns the
 cache memory. New requests join at every step boundary and leave the moment they end. A
 request's tokens never depend on its batch-mates: new prompts are packed into one sequence with
 a block-diagonal causal mask and positions restarting per prompt (never padded to the longest),
-and each decode row attends only to its own cache row, so every request gets exactly what
-transformers' greedy `generate` gives it alone.
+and each decode row attends only to its own cache row.
+
+Decoding modes (MODEL_SPEC.md 3b), each exact for the request alone:
+  greedy:       transformers' greedy `generate` of the composite model (one row);
+  beam:         GraniteForCausalLM.generate(num_beams=n, early_stopping=True): n rows, `BeamSearch`;
+  speculative:  greedy, the encoder's CTC draft verified in the prefill: the longest prefix equal to
+                the LLM's own greedy choices is kept, plus its next token, then greedy steps;
+  cascade:      IBM's published pipeline: the draft is the answer if every draft token's probability
+                is at least `confidence` (or its CTC entropy passes the gate); otherwise beam search
+                from the prompt, which the verification prefill has already filled.
 
 Policies: `inflight` admits new requests at every step (at most `prefill_token_budget` prompt
 tokens per step, at least one request); `static` admits a batch only when no request is running,
@@ -31,9 +40,11 @@ from enum import Enum
 import torch
 from transformers import GraniteForCausalLM
 
+from .beam import BeamSearch
 from .errors import RequestError
-from .kv_cache import DecodeWriter, KVLayout, KVPool, PrefillWriter
-from .nar import PackedLayout, pack_groups
+from .kv_cache import KVLayout, KVPool
+from .ragged import pack_groups
+from .runner import GraniteRunner, PrefillInput
 
 log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.1  # how often a running request's `is_cancelled` is asked (it may cost an IPC round trip)
@@ -45,9 +56,17 @@ class Policy(str, Enum):
     STATIC = "static"
 
 
+class Mode(str, Enum):
+    GREEDY = "greedy"
+    BEAM = "beam"
+    CASCADE = "cascade"
+    SPECULATIVE = "speculative"
+
+
 class Finish(str, Enum):
     EOS = "eos"  # produced an end-of-text token (kept in the output, as transformers does)
     LENGTH = "length"  # reached its max_new_tokens
+    DRAFT = "draft"  # cascade: the CTC draft was accepted as the answer
     CANCELLED = "cancelled"
     DEADLINE = "deadline"
     OVERLOADED = "overloaded"  # waited longer than max_wait_s for a row
@@ -58,7 +77,7 @@ class Finish(str, Enum):
 class EngineConfig:
     """The engine's bounds; every one is a deploy setting (serving/repository.py)."""
 
-    max_rows: int = 16  # requests decoded together (rows of the KV pool)
+    max_rows: int = 16  # KV pool rows: a greedy request takes one, a beam request one per beam
     max_tokens_per_row: int = 4096  # prompt + new tokens one request may hold
     prefill_token_budget: int = 2048  # prompt tokens per packed prefill forward
     policy: Policy = Policy.INFLIGHT
@@ -72,12 +91,27 @@ class EngineConfig:
 
 
 @dataclass(eq=False)
+class Row:
+    """One KV pool row: a greedy request's, or one beam's."""
+
+    seq: Sequence
+    index: int = -1  # in the pool (and in Scheduler.running)
+    next_token: int = 0  # what it feeds to the next decode step
+
+
+@dataclass(eq=False)
 class Sequence:
-    """One request in the engine: its prompt, its budget, and what it has produced so far."""
+    """One request in the engine: its prompt, how to decode it, and what it has produced so far."""
 
     prompt_ids: list[int]
     audio_embeds: torch.Tensor  # [n_audio_tokens, llm_hidden]: rows spliced in place of the audio tokens
     max_new_tokens: int
+    mode: Mode = Mode.GREEDY
+    num_beams: int = 1  # beam mode, and the cascade's fallback
+    draft_ids: list[int] = field(default_factory=list)  # speculative and cascade: the CTC draft, as LLM tokens
+    draft_entropy: float = float("inf")  # cascade: the draft's largest per-frame CTC entropy
+    confidence: float = 0.4  # cascade: every draft token needs at least this probability
+    entropy_gate: float = 0.0  # cascade: a draft with entropy at most this is taken unverified
     stream: bool = False  # notify after every step, not only at the end
     deadline: float | None = None  # time.time() after which the request is dropped
     key: str = ""  # lets `DecodeEngine.cancel` find it
@@ -86,18 +120,43 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     finish: Finish | None = None
     message: str = ""  # why it ended early (cancelled, deadline, error)
-    row: int = -1  # its KV pool row while running
+    rows: list[Row] = field(default_factory=list)  # while running: one, or one per beam
+    beams: BeamSearch | None = None
+    passes: int = 0  # LLM forwards this request took part in
+    draft_accepted: int = 0  # draft tokens taken without a step of their own
     submitted_at: float = 0.0
     admitted_at: float = 0.0
     first_token_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)
 
     @property
     def prompt_length(self) -> int:
         return len(self.prompt_ids)
 
     @property
+    def verifies(self) -> bool:
+        """Its prefill checks a draft (an empty draft has nothing to check)."""
+        return self.mode in (Mode.CASCADE, Mode.SPECULATIVE) and bool(self.draft_ids)
+
+    @property
+    def prefill_length(self) -> int:
+        return self.prompt_length + (len(self.draft_ids) if self.verifies else 0)
+
+    @property
     def positions_needed(self) -> int:
-        return self.prompt_length + self.max_new_tokens
+        return self.prompt_length + max(self.max_new_tokens, len(self.draft_ids) if self.verifies else 0)
+
+    @property
+    def rows_needed(self) -> int:
+        return self.num_beams if self.mode in (Mode.BEAM, Mode.CASCADE) else 1
+
+    @property
+    def audio_as_zero(self) -> bool:
+        """Greedy modes follow the composite model, which embeds a generated audio id as token 0;
+        beam search follows GraniteForCausalLM.generate (IBM's fallback), which embeds it as itself."""
+        return self.beams is None and self.mode in (Mode.GREEDY, Mode.SPECULATIVE)
 
 
 class Overloaded(Exception):
@@ -105,12 +164,16 @@ class Overloaded(Exception):
 
 
 class Scheduler:
-    """Who runs: a FIFO of waiting requests and the running ones, in KV pool row order."""
+    """Who runs: a FIFO of waiting requests and the running rows, in KV pool order."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i].row == i
+        self.running: list[Row] = []  # running[i].index == i
+
+    def running_sequences(self) -> list[Sequence]:
+        """Each running request once, in row order."""
+        return list(dict.fromkeys(row.seq for row in self.running))
 
     def admit(self) -> list[Sequence]:
         """Pop the waiting requests that start in this step (first come, first served)."""
@@ -119,79 +182,40 @@ class Scheduler:
         free = self.config.max_rows - len(self.running)
         admitted: list[Sequence] = []
         tokens = 0
-        while self.waiting and len(admitted) < free:
-            length = self.waiting[0].prompt_length
-            inflight = self.config.policy is Policy.INFLIGHT
+        inflight = self.config.policy is Policy.INFLIGHT
+        while self.waiting and self.waiting[0].rows_needed <= free:
+            length = self.waiting[0].prefill_length
             if inflight and admitted and tokens + length > self.config.prefill_token_budget:
                 break
             admitted.append(self.waiting.popleft())
+            free -= admitted[-1].rows_needed
             tokens += length
         return admitted
 
     def packs(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """Groups of new requests prefilled in one forward each, within the prefill token budget."""
-        groups = pack_groups([s.prompt_length for s in seqs], self.config.prefill_token_budget)
+        groups = pack_groups([s.prefill_length for s in seqs], self.config.prefill_token_budget)
         return [[seqs[i] for i in group] for group in groups]
 
 
-class GraniteRunner:
-    """One forward of transformers' Granite: a packed prefill of new prompts, or one decode step."""
+def speculative_tokens(draft: list[int], greedy: list[int]) -> tuple[list[int], int]:
+    """The draft checked against the LLM's greedy choices at each of its positions (len(draft) + 1).
 
-    def __init__(self, llm: GraniteForCausalLM, audio_token_index: int, pool: KVPool) -> None:
-        self.llm = llm
-        self.audio_token_index = audio_token_index
-        self.pool = pool
+    -> (the longest draft prefix the LLM agrees with, then the LLM's next token; how many draft
+    tokens were kept). Greedy decoding would have produced exactly these tokens.
+    """
+    kept = next((k for k, (d, g) in enumerate(zip(draft, greedy, strict=False)) if d != g), len(draft))
+    return draft[:kept] + [greedy[kept]], kept
 
-    @property
-    def device(self) -> torch.device:
-        return self.llm.device
 
-    def embed_prompt(self, prompt_ids: list[int], audio_embeds: torch.Tensor) -> torch.Tensor:
-        """[L] prompt ids -> [L, D] embeddings with audio rows in place of the audio tokens."""
-        ids = torch.tensor(prompt_ids, device=self.device)
-        is_audio = ids == self.audio_token_index
-        embeds = self.llm.get_input_embeddings()(torch.where(is_audio, 0, ids))
-        embeds[is_audio] = audio_embeds.to(embeds.device, embeds.dtype)
-        return embeds
-
-    @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        """Prompts packed into one sequence [1, sum L] -> the first new token of each; fills their KV rows."""
-        lengths = [s.prompt_length for s in seqs]
-        embeds = torch.cat([self.embed_prompt(s.prompt_ids, s.audio_embeds) for s in seqs])[None]  # [1, T, D]
-        layout = PackedLayout.from_lengths(lengths, self.device)
-        ids = layout.sequence_ids[0]
-        order = torch.arange(ids.shape[0], device=self.device)
-        mask = (ids[:, None] == ids[None, :]) & (order[:, None] >= order[None, :])  # [T, T] block-diagonal causal
-        writer = PrefillWriter(self.pool, [s.row for s in seqs], lengths)
-        last = layout.cu_seqlens[1:].long() - 1  # [S]: each prompt's last position
-        logits = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=mask[None, None],
-            position_ids=layout.position_ids,
-            past_key_values=writer,
-            use_cache=True,
-            logits_to_keep=last,
-        ).logits[0]  # [S, vocab]
-        writer.commit()
-        return logits.argmax(dim=-1).tolist()
-
-    @torch.inference_mode()
-    def decode(self, last_tokens: list[int]) -> list[int]:
-        """The last token of rows 0..n-1 -> the next token of each; appends to their KV rows."""
-        writer = DecodeWriter(self.pool, len(last_tokens))
-        ids = torch.tensor(last_tokens, device=self.device)
-        # transformers embeds a generated audio placeholder as token 0, like those of the prompt
-        ids = torch.where(ids == self.audio_token_index, 0, ids)[:, None]  # [n, 1]
-        logits = self.llm(
-            input_ids=ids,
-            attention_mask=writer.attention_mask(),
-            position_ids=writer.positions[:, None],
-            past_key_values=writer,
-            use_cache=True,
-        ).logits[:, -1]  # [n, vocab]
-        writer.commit()
-        return logits.argmax(dim=-1).tolist()
+def draft_confident(logits: torch.Tensor, draft: list[int], confidence: float) -> bool:
+    """logits [m, vocab] at the positions predicting the m draft tokens -> is every draft token's
+    probability (softmax in float32) at least `confidence`? An empty draft never is."""
+    if not draft:
+        return False
+    probs = torch.softmax(logits.float(), dim=-1)  # [m, vocab]
+    chosen = probs.gather(1, torch.tensor(draft, device=probs.device)[:, None])[:, 0]  # [m]
+    return bool((chosen >= confidence).all())
 
 
 class DecodeEngine:
@@ -206,6 +230,7 @@ class DecodeEngine:
     ) -> None:
         self.runner = runner
         self.config = config
+        self.eos_ids = list(eos_token_ids)
         self.eos = set(eos_token_ids)
         self.clock = clock
         self.scheduler = Scheduler(config)
@@ -219,7 +244,7 @@ class DecodeEngine:
         return self.runner.pool
 
     def check(self, seq: Sequence) -> None:
-        """RequestError unless the request fits a KV pool row and its audio rows match its prompt."""
+        """RequestError unless the request fits the pool and its audio rows match its prompt."""
         audio_tokens = seq.prompt_ids.count(self.runner.audio_token_index)
         if audio_tokens != seq.audio_embeds.shape[0]:
             raise RequestError(f"prompt has {audio_tokens} audio tokens but {seq.audio_embeds.shape[0]} audio rows")
@@ -229,17 +254,23 @@ class DecodeEngine:
                 f"{self.config.max_tokens_per_row} positions a request may hold (the model's context, or the "
                 "kv_tokens_per_row setting): send shorter audio or fewer tokens"
             )
+        if seq.rows_needed > self.config.max_rows:
+            raise RequestError(f"NUM_BEAMS {seq.rows_needed} exceeds the engine's {self.config.max_rows} rows")
 
     def submit(self, seq: Sequence) -> None:
         """Queue a request (any thread); it joins at the next step boundary.
 
-        Overloaded when `max_waiting` requests already wait for a row.
+        Overloaded when `max_waiting` requests already wait for a row. A cascade request whose
+        draft passes the entropy gate is answered at once, without the LLM.
         """
         self.check(seq)
         waiting = len(self.scheduler.waiting) + self.inbox.qsize()  # read from another thread: a close estimate
         if self.config.max_waiting and waiting >= self.config.max_waiting:
             raise Overloaded(f"the decoding engine's queue is full ({self.config.max_waiting} requests wait for a row)")
         seq.submitted_at = self.clock()
+        if seq.mode is Mode.CASCADE and seq.draft_ids and seq.draft_entropy <= seq.entropy_gate:
+            self._accept_draft(seq)
+            return
         self.inbox.put(seq)
         self.wake.set()
 
@@ -281,11 +312,8 @@ class DecodeEngine:
             self._prefill(admitted)
         rows = len(self.scheduler.running)
         if rows:
-            tokens = self.runner.decode([s.tokens[-1] for s in self.scheduler.running])
-            for seq, token in zip(self.scheduler.running, tokens, strict=True):
-                seq.tokens.append(token)
-            self._retire_finished()
-        self._notify_streams(self.scheduler.running)
+            self._decode()
+        self._notify_streams(self.scheduler.running_sequences())
         if admitted or rows:
             now = self.clock()
             report = StepReport(rows, admitted, now - started, now, len(self.scheduler.waiting))
@@ -294,12 +322,15 @@ class DecodeEngine:
 
     def fail_all(self, message: str) -> None:
         """End every request with an error and empty the pool (after a failed forward)."""
-        victims = list(self.scheduler.running) + list(self.scheduler.waiting)
+        victims = self.scheduler.running_sequences() + list(self.scheduler.waiting)
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         self.pool.lengths.zero_()
         for seq in victims:
+            seq.rows = []
             self._end(seq, Finish.ERROR, message)
+
+    # ---- arrivals and departures ----------------------------------------------------------------
 
     def _drain_inbox(self) -> None:
         keys: set[str] = set()
@@ -315,7 +346,7 @@ class DecodeEngine:
                 self._drop([(seq, Finish.CANCELLED)])
 
     def _all(self) -> list[Sequence]:
-        return list(self.scheduler.waiting) + self.scheduler.running
+        return list(self.scheduler.waiting) + self.scheduler.running_sequences()
 
     def _expired(self) -> list[tuple[Sequence, Finish]]:
         now = self.clock()
@@ -324,7 +355,7 @@ class DecodeEngine:
             self._cancel_polled_at = now
         expired = []
         for seq in self._all():
-            if seq.row < 0 and self.config.max_wait_s and now - seq.submitted_at > self.config.max_wait_s:
+            if not seq.rows and self.config.max_wait_s and now - seq.submitted_at > self.config.max_wait_s:
                 seq.message = f"waited {now - seq.submitted_at:.1f} s for a decoding row (queue_timeout_us)"
                 expired.append((seq, Finish.OVERLOADED))
             elif seq.deadline is not None and now > seq.deadline:
@@ -340,57 +371,147 @@ class DecodeEngine:
         for seq, _ in dropped:
             if seq in self.scheduler.waiting:
                 self.scheduler.waiting.remove(seq)
-        self._free_rows([seq for seq, _ in dropped if seq.row >= 0])
+        self._free_rows([seq for seq, _ in dropped])
         for seq, reason in dropped:
             self._end(seq, reason, seq.message)
 
-    def _prefill(self, admitted: list[Sequence]) -> None:
-        running = self.scheduler.running
-        now = self.clock()
-        for seq in admitted:
-            seq.row, seq.admitted_at = len(running), now
-            running.append(seq)
-        self.pool.reserve(len(running), max(s.positions_needed for s in running))
-        for pack in self.scheduler.packs(admitted):
-            for seq, token in zip(pack, self.runner.prefill(pack), strict=True):
-                seq.tokens.append(token)
-                seq.first_token_at = self.clock()
-        self._retire_finished()
-        self._notify_streams(admitted)  # the first token, before this step's decode
-
-    def _retire_finished(self) -> None:
-        done = []
-        for seq in self.scheduler.running:
-            if seq.tokens[-1] in self.eos:
-                done.append((seq, Finish.EOS))
-            elif len(seq.tokens) >= seq.max_new_tokens:
-                done.append((seq, Finish.LENGTH))
-        if done:
-            self._free_rows([seq for seq, _ in done])
-            for seq, reason in done:
-                self._end(seq, reason)
-
     def _free_rows(self, seqs: list[Sequence]) -> None:
-        """Remove running requests, moving the last live rows into the freed ones."""
+        """Remove requests' rows, moving the last live rows into the freed ones."""
         running = self.scheduler.running
-        for seq in sorted(seqs, key=lambda s: s.row, reverse=True):
-            last = len(running) - 1
-            if seq.row != last:
-                self.pool.move_row(last, seq.row)
-                running[seq.row] = running[last]
-                running[seq.row].row = seq.row
+        for row in sorted((r for s in seqs for r in s.rows), key=lambda r: r.index, reverse=True):
+            last = running[-1]
+            if row is not last:
+                self.pool.move_row(last.index, row.index)
+                running[row.index], last.index = last, row.index
             else:
-                self.pool.lengths[last] = 0
+                self.pool.lengths[row.index] = 0
             running.pop()
-            seq.row = -1
+        for seq in seqs:
+            seq.rows = []
 
     def _end(self, seq: Sequence, reason: Finish, message: str = "") -> None:
         seq.finish, seq.message = reason, message
         self._notify(seq)
 
+    def _finish(self, done: list[tuple[Sequence, Finish]]) -> None:
+        self._free_rows([seq for seq, _ in done])
+        for seq, reason in done:
+            self._end(seq, reason)
+
+    # ---- prefill ----------------------------------------------------------------------------------
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        running = self.scheduler.running
+        now = self.clock()
+        for seq in admitted:
+            seq.admitted_at = now
+            seq.rows = [Row(seq, len(running) + i) for i in range(seq.rows_needed)]
+            running.extend(seq.rows)
+        self.pool.reserve(len(running), max(r.seq.positions_needed for r in running))
+        done: list[tuple[Sequence, Finish]] = []
+        for pack in self.scheduler.packs(admitted):
+            for seq, logits in zip(pack, self.runner.prefill([self._prefill_input(s) for s in pack]), strict=True):
+                seq.passes += 1
+                seq.first_token_at = self.clock()
+                reason = self._after_prefill(seq, logits)
+                if reason is not None:
+                    done.append((seq, reason))
+        self._finish(done)
+        self._notify_streams(admitted)  # the first tokens, before this step's decode
+
+    def _prefill_input(self, seq: Sequence) -> PrefillInput:
+        """The prompt (and the draft, when verified) into the first row; logits from the last prompt
+        position, and after each draft token."""
+        extra = seq.draft_ids if seq.verifies else []
+        positions = list(range(seq.prompt_length - 1, seq.prompt_length + len(extra)))
+        return PrefillInput(seq.prompt_ids, seq.audio_embeds, extra, seq.rows[0].index, positions)
+
+    def _after_prefill(self, seq: Sequence, logits: torch.Tensor) -> Finish | None:
+        """The request's first tokens from its prefill logits [1 + draft, vocab]; a Finish if it is done."""
+        row = seq.rows[0]
+        if seq.mode is Mode.CASCADE:
+            if seq.verifies and draft_confident(logits[:-1], seq.draft_ids, seq.confidence):
+                seq.tokens, seq.draft_accepted = list(seq.draft_ids), len(seq.draft_ids)
+                return Finish.DRAFT
+            self.pool.lengths[row.index] = seq.prompt_length  # forget the rejected draft
+            return self._start_beams(seq, logits[0])
+        if seq.mode is Mode.BEAM:
+            return self._start_beams(seq, logits[0])
+        greedy = logits.argmax(dim=-1).tolist()
+        if seq.verifies:  # speculative
+            tokens, seq.draft_accepted = speculative_tokens(seq.draft_ids, greedy)
+            self.pool.lengths[row.index] = seq.prompt_length + seq.draft_accepted  # keep the agreed prefix
+        else:
+            tokens = greedy[:1]
+        for token in tokens:
+            seq.tokens.append(token)
+            reason = self._greedy_finish(seq)
+            if reason is not None:
+                return reason
+        row.next_token = seq.tokens[-1]
+        return None
+
+    def _start_beams(self, seq: Sequence, logits: torch.Tensor) -> Finish | None:
+        """Beam search (or greedy, for one beam, as transformers does) from the prompt's logits."""
+        if seq.num_beams == 1:
+            seq.beams = None
+            token = int(logits.argmax())
+            seq.tokens = [token]
+            seq.rows[0].next_token = token
+            return self._greedy_finish(seq)
+        seq.beams = BeamSearch(seq.num_beams, seq.max_new_tokens, self.eos_ids)
+        first = seq.rows[0].index
+        for row in seq.rows[1:]:
+            self.pool.copy_rows([row.index], [first])
+        return self._beam_step(seq, logits.expand(seq.num_beams, -1))
+
+    # ---- decode -------------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        running = self.scheduler.running
+        logits = self.runner.decode([r.next_token for r in running], [r.seq.audio_as_zero for r in running])
+        greedy = logits.argmax(dim=-1).tolist()
+        done: list[tuple[Sequence, Finish]] = []
+        for seq in self.scheduler.running_sequences():
+            seq.passes += 1
+            if seq.beams is not None:
+                reason = self._beam_step(seq, logits[[r.index for r in seq.rows]])
+            else:
+                token = greedy[seq.rows[0].index]
+                seq.tokens.append(token)
+                seq.rows[0].next_token = token
+                reason = self._greedy_finish(seq)
+            if reason is not None:
+                done.append((seq, reason))
+        self._finish(done)
+
+    def _greedy_finish(self, seq: Sequence) -> Finish | None:
+        if seq.tokens[-1] in self.eos:
+            return Finish.EOS
+        return Finish.LENGTH if len(seq.tokens) >= seq.max_new_tokens else None
+
+    def _beam_step(self, seq: Sequence, logits: torch.Tensor) -> Finish | None:
+        """Advance the beams by one token; KV rows follow the beams they continue."""
+        sources, tokens = seq.beams.step(logits)
+        rows = [r.index for r in seq.rows]
+        if sources != list(range(len(rows))):
+            self.pool.copy_rows(rows, [rows[s] for s in sources])
+        for row, token in zip(seq.rows, tokens, strict=True):
+            row.next_token = token
+        if not seq.beams.done:
+            return None
+        seq.tokens = seq.beams.best()
+        return Finish.EOS if seq.tokens and seq.tokens[-1] in self.eos else Finish.LENGTH
+
+    def _accept_draft(self, seq: Sequence) -> None:
+        seq.tokens, seq.draft_accepted = list(seq.draft_ids), len(seq.draft_ids)
+        self._end(seq, Finish.DRAFT)
+
+    # ---- callers --------------------------------------------------------------------------------------
+
     def _notify_streams(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
-            if seq.stream and seq.finish is None:
+            if seq.stream and seq.finish is None and seq.beams is None and seq.tokens:
                 self._notify(seq)
 
     @staticmethod
@@ -407,11 +528,11 @@ class DecodeEngine:
 class StepReport:
     """What one step did, for metrics."""
 
-    rows: int  # requests decoded together in this step's decode forward
-    admitted: list[Sequence]  # requests prefilled in this step (each produced its first token)
+    rows: int  # rows decoded together in this step's decode forward
+    admitted: list[Sequence]  # requests prefilled in this step
     seconds: float
     finished_at: float
-    waiting: int  # requests still waiting for a row
+    waiting: int  # requests still waiting for rows
 
 
 def engine_for(llm: GraniteForCausalLM, audio_token_index: int, eos: list[int], config: EngineConfig) -> DecodeEngine:

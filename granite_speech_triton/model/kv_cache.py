@@ -99,6 +99,14 @@ class KVPool:
         self.lengths[target] = n
         self.lengths[source] = 0
 
+    def copy_rows(self, targets: list[int], sources: list[int]) -> None:
+        """Row targets[i] takes the content of row sources[i]; every source is read before any write."""
+        span = int(self.lengths[sources].max())
+        target, source = torch.tensor(targets, device=self.device), torch.tensor(sources, device=self.device)
+        for tensor in self.keys + self.values:
+            tensor[target, :, :span] = tensor[source, :, :span]
+        self.lengths[target] = self.lengths[source]
+
 
 class PrefillWriter:
     """`past_key_values` of a packed prefill: stores each prompt's keys and values in its row.

@@ -24,14 +24,13 @@ from transformers.masking_utils import create_bidirectional_mask, packed_sequenc
 
 from .config import EncoderConfig, known_fields, read_config_json
 from .ctc import ctc_collapse_segments
-from .encoder import ConformerEncoder, frame_mask, pad_batch, run_in_length_groups
+from .draft import CHAR_CTC_BLANK, pooled_rows
+from .encoder import ConformerEncoder
 from .errors import CheckpointError
 from .projector import split_windows
 from .ragged import join_segments, pack_groups, ragged_index, take_second
 from .weights import load_module
 
-CHAR_CTC_BLANK = 0  # blank label of the encoder's character CTC head (`out`)
-POOLING_EPS = 1e-8  # keeps an all-blank window's weights finite
 PACK_TOKEN_BUDGET = 4096  # tokens per packed LLM sequence: dense masks attend over budget^2 pairs
 
 
@@ -143,32 +142,14 @@ class NARModelConfig:
 # Stage 1: encoder + BPE draft
 
 
-def posterior_weighted_pool(
-    hidden: torch.Tensor, keep_prob: torch.Tensor, lengths: torch.Tensor, window: int
-) -> torch.Tensor:
-    """Pool windows of `window` frames, weighting each frame by its normalised non-blank probability.
-
-    hidden [B, T, D], keep_prob [B, T] (1 - blank probability), lengths [B] -> [B, ceil(T / window), D].
-    Frames past an utterance's length weigh nothing and read as zeros, exactly like the zero-padded
-    tail of that utterance alone.
-    """
-    bsz, num_frames, dim = hidden.shape
-    mask = frame_mask(lengths, num_frames)  # [B, T]
-    keep_prob = keep_prob.masked_fill(~mask, 0.0)
-    hidden = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
-    pad = -num_frames % window
-    hidden = F.pad(hidden, (0, 0, 0, pad)).view(bsz, -1, window, dim)  # [B, P, W, D]
-    keep_prob = F.pad(keep_prob, (0, pad)).view(bsz, -1, window)  # [B, P, W]
-    weights = keep_prob / (keep_prob.sum(dim=-1, keepdim=True) + POOLING_EPS)
-    return (hidden * weights.unsqueeze(-1)).sum(dim=2)  # [B, P, D]
-
-
 @dataclass
 class NAREncoderOutput:
-    """Per utterance: the projector's input and the greedy BPE CTC draft (LLM token ids)."""
+    """Per utterance: the projector's input, the greedy BPE CTC draft (LLM token ids) and the pooled
+    rows it was read from (what the aligner reads again)."""
 
     projector_inputs: list[torch.Tensor]  # [T_i, num_encoder_layers * hidden_dim]
     drafts: list[list[int]]
+    pooled: list[torch.Tensor]  # [ceil(T_i / bpe_pooling_window), hidden_dim]
 
 
 class NAREncoder(ConformerEncoder):
@@ -182,36 +163,29 @@ class NAREncoder(ConformerEncoder):
     @torch.inference_mode()
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> NAREncoderOutput:
         """features [B, T, 160] right-padded, lengths [B] (encoder frames) -> NAREncoderOutput."""
-        stacked, ids, pooled_lengths = self.forward_draft(features.to(self.input_linear.weight.dtype), lengths)
-        drafts = ctc_collapse_segments(ids, pooled_lengths.tolist(), self.blank)
-        return NAREncoderOutput([stacked[b, :n] for b, n in enumerate(lengths.tolist())], drafts)
+        stacked, rows, pooled_lengths = self.forward_pooled(features.to(self.input_linear.weight.dtype), lengths)
+        counts = pooled_lengths.tolist()
+        drafts = ctc_collapse_segments(self.out_bpe(rows).argmax(dim=-1), counts, self.blank)
+        projector_inputs = [stacked[b, :n] for b, n in enumerate(lengths.tolist())]
+        return NAREncoderOutput(projector_inputs, drafts, list(rows.split(counts)))
 
-    def forward_draft(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`encode` before the CTC collapse, tensors only (the export traces it).
-
-        features [B, T, 160] in the model dtype, lengths [B] -> projector input [B, T, L*D],
-        BPE argmax of every valid pooled frame [sum P_i], pooled lengths P_i [B].
-        """
+    def forward_pooled(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """features [B, T, 160] in the model dtype, lengths [B] -> projector input [B, T, L*D], the
+        draft's pooled rows of every utterance back to back [sum P_i, D], P_i [B]. Tensors only."""
         out = self(features, lengths, keep_hidden_states=True)
         # The reference takes the blank probability in float32 whatever the model dtype.
         blank_prob = torch.softmax(out.self_conditioning_logits.float(), dim=-1)[..., CHAR_CTC_BLANK]  # [B, T]
         stacked = torch.cat([out.hidden_states[i] for i in self.layer_indices], dim=-1)  # [B, T, 4*D]
-        window = self.cfg.bpe_pooling_window
-        hidden = out.last_hidden_state
-        pooled = posterior_weighted_pool(hidden.float(), 1.0 - blank_prob, lengths, window).to(hidden.dtype)
-        pooled_lengths = (lengths + window - 1) // window  # [B] = ceil(length / window)
-        rows = pooled[frame_mask(pooled_lengths, pooled.shape[1])]  # [sum P_i, D]: padding never hits out_bpe
+        rows, pooled_lengths = pooled_rows(
+            out.last_hidden_state, 1.0 - blank_prob, lengths, self.cfg.bpe_pooling_window
+        )
+        return stacked, rows, pooled_lengths
+
+    def forward_draft(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`encode` before the CTC collapse, tensors only (the export traces it): projector input
+        [B, T, L*D], BPE argmax of every valid pooled frame [sum P_i], pooled lengths P_i [B]."""
+        stacked, rows, pooled_lengths = self.forward_pooled(features, lengths)
         return stacked, self.out_bpe(rows).argmax(dim=-1), pooled_lengths
-
-    def encode_utterances(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
-        """[T_i, 160] per utterance -> (projector input [T_i, L*D], draft ids) per utterance, batch-invariant;
-        utterances of similar length share a forward."""
-
-        def run(group: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
-            out = self.encode(*pad_batch(group))
-            return list(zip(out.projector_inputs, out.drafts, strict=True))
-
-        return run_in_length_groups(features, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +489,21 @@ def load_nar_encoder(
     """The encoder stage with the checkpoint's `encoder.*` tensors (older BPE head converted)."""
     convert = (lambda tensors: convert_legacy_bpe_head(tensors, cfg)) if cfg.legacy_bpe_head else None
     return load_module(lambda: NAREncoder(cfg), checkpoint, "encoder.", device, dtype, convert)
+
+
+def load_nar_bpe_head(
+    checkpoint: Path, cfg: NARModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Linear:
+    """The encoder's BPE CTC head `out_bpe` alone (older layout converted), rows indexed by token id."""
+
+    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not cfg.legacy_bpe_head:
+            return tensors
+        converted = convert_legacy_bpe_head({f"out_bpe.{k}": v for k, v in tensors.items()}, cfg)
+        return {k.removeprefix("out_bpe."): v for k, v in converted.items()}
+
+    build = lambda: nn.Linear(cfg.encoder.hidden_dim, cfg.vocab_size)  # noqa: E731
+    return load_module(build, checkpoint, "encoder.out_bpe.", device, dtype, convert)
 
 
 def load_nar_projector(

@@ -34,6 +34,11 @@ PUNCTUATED_TRANSLATE_INSTRUCTION = "translate the speech to {language} with prop
 DEFAULT_MAX_NEW_TOKENS = 200  # model card
 MAX_KEYWORDS = 100
 MAX_TIMEOUT_MS = 3_600_000  # one hour
+DECODE_MODES = ("greedy", "beam", "cascade", "speculative")  # model/engine.py explains each
+DRAFT_MODES = ("cascade", "speculative")  # they start from the encoder's CTC draft: a transcript
+MAX_BEAMS = 4
+DEFAULT_NUM_BEAMS = 2  # IBM's published cascade falls back to 2 beams
+DEFAULT_CONFIDENCE = 0.4  # IBM's published cascade threshold
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class SpeechRequest:
     timeout_ms: int = 0  # 0: no deadline
     deadline: float = 0.0  # time.time() after which the decoder drops the request (set on arrival)
     silent: bool = False
+    decode_mode: str = "greedy"
+    num_beams: int = DEFAULT_NUM_BEAMS  # beam mode, and the cascade's fallback
+    confidence: float = DEFAULT_CONFIDENCE  # cascade: the least probability of every draft token
+    entropy_gate: float = 0.0  # cascade: a draft with CTC entropy at most this is taken unverified
+    timestamps: bool = False  # the aligner step adds the words of the transcript with their times
 
     def started(self, now: float) -> SpeechRequest:
         """This request with its deadline fixed from `timeout_ms`, counted from `now`."""
@@ -73,6 +83,21 @@ class SpeechRequest:
             self._validate_translation()
         elif self.target_language:
             raise RequestError("TARGET_LANGUAGE is only valid with TASK 'translate'")
+        self._validate_decoding()
+
+    def _validate_decoding(self) -> None:
+        if self.decode_mode not in DECODE_MODES:
+            raise RequestError(f"unknown DECODE_MODE {self.decode_mode!r}; expected one of {', '.join(DECODE_MODES)}")
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            raise RequestError(f"NUM_BEAMS must be in 1..{MAX_BEAMS}, got {self.num_beams}")
+        if not 0.0 <= self.confidence <= 1.0:  # NaN fails too
+            raise RequestError(f"CONFIDENCE must be in 0..1, got {self.confidence}")
+        if not 0.0 <= self.entropy_gate < float("inf"):
+            raise RequestError(f"ENTROPY_GATE must be a finite number >= 0, got {self.entropy_gate}")
+        if self.decode_mode in DRAFT_MODES and self.task == "translate":
+            raise RequestError(
+                f"DECODE_MODE {self.decode_mode} needs TASK 'transcribe': its draft is a transcript, not a translation"
+            )
 
     def _validate_translation(self) -> None:
         target = self.target_language
@@ -86,6 +111,10 @@ class SpeechRequest:
             raise RequestError(f"translation {self.language}->{target} unsupported: one side must be English")
         if self.keywords:
             raise RequestError("KEYWORDS are only valid with TASK 'transcribe'")
+        if self.timestamps:
+            raise RequestError(
+                "TIMESTAMPS are only valid with TASK 'transcribe': a translation is not aligned with the audio"
+            )
 
     def to_json(self) -> str:
         """Canonical JSON, as passed between pipeline steps."""

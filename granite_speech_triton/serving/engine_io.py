@@ -20,16 +20,19 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.model.decoder import ARDecoder
-from granite_speech_triton.model.engine import Finish, Overloaded, Sequence, StepReport
+from granite_speech_triton.model.draft import Draft
+from granite_speech_triton.model.engine import Finish, Mode, Overloaded, Sequence, StepReport
 from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.prompts import SpeechRequest
 
 from .bls import send_final, tagged_error
-from .triton_io import Counter, Histogram, optional_text, sequence_input, tensor_output
+from .triton_io import Counter, Histogram, optional_text, sequence_input, single_item, tensor_output
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SECONDS_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+PASS_BUCKETS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+PER_PASS_BUCKETS = [0.5, 1, 1.5, 2, 3, 4, 8, 16, 32, 64]
 RATE_WINDOW_S = 5.0  # generated tokens per second are averaged over this window
 INCOMPLETE_CHARACTER = "\ufffd"  # how a multi-byte character cut by the end of a partial text decodes
 
@@ -70,6 +73,22 @@ class EngineMetrics:
             for reason in (f.value for f in Finish)
         }
         self.rejected = Counter("granite_speech_rejected_requests_total", "Requests rejected as invalid", model)
+        self.drafts = {
+            outcome: Counter("granite_speech_engine_drafts_total", "Cascade drafts, by outcome", model, outcome=outcome)
+            for outcome in ("accepted", "rejected")
+        }
+        self.draft_tokens = Counter(
+            "granite_speech_engine_draft_tokens_accepted_total", "Draft tokens taken without steps of their own", model
+        )
+        self.passes = Histogram(
+            "granite_speech_engine_passes", "LLM forward passes a request took part in", model, PASS_BUCKETS
+        )
+        self.tokens_per_pass = Histogram(
+            "granite_speech_engine_tokens_per_pass",
+            "Generated tokens per LLM pass, per request",
+            model,
+            PER_PASS_BUCKETS,
+        )
         self._window: list[tuple[float, int]] = []
 
     def on_step(self, report: StepReport, kv_bytes: int) -> None:
@@ -87,6 +106,12 @@ class EngineMetrics:
     def on_end(self, seq: Sequence) -> None:
         self.ended[seq.finish.value].add(1)
         self.tokens.add(len(seq.tokens))
+        self.passes.observe(seq.passes)
+        if seq.passes:
+            self.tokens_per_pass.observe(len(seq.tokens) / seq.passes)
+        self.draft_tokens.add(seq.draft_accepted)
+        if seq.mode is Mode.CASCADE and seq.finish in (Finish.DRAFT, Finish.EOS, Finish.LENGTH):
+            self.drafts["accepted" if seq.finish is Finish.DRAFT else "rejected"].add(1)
 
 
 @dataclass
@@ -140,6 +165,7 @@ class EngineFrontend:
             seq = self.decoder.sequence(
                 options,
                 sequence_input(request, "AUDIO_EMBEDS").clone(),  # the engine keeps it past `execute`
+                self._draft(request),
                 stream=bool(control.get("stream", False)),
                 key=str(control.get("key", "")),
                 deadline=options.deadline or None,
@@ -155,6 +181,15 @@ class EngineFrontend:
             send_final(sender, error=tagged_error(str(exc), "UNAVAILABLE"))
 
     @staticmethod
+    def _draft(request) -> Draft | None:
+        """The encoder's CTC draft, when the request carries one."""
+        ids = single_item(request, "DRAFT_IDS")
+        if ids is None:
+            return None
+        entropy = single_item(request, "DRAFT_ENTROPY")
+        return Draft(ids.reshape(-1).tolist(), float("inf") if entropy is None else float(entropy.reshape(-1)[0]))
+
+    @staticmethod
     def _control(request) -> dict:
         try:
             control = json.loads(optional_text(request, "CONTROL", "{}"))
@@ -167,7 +202,7 @@ class EngineFrontend:
     def _deliver(self, delivery: Delivery, seq: Sequence) -> None:
         if seq.finish is None:
             self._partial(delivery, seq)
-        elif seq.finish in (Finish.EOS, Finish.LENGTH) or (seq.finish is Finish.CANCELLED and seq.stream):
+        elif seq.finish in (Finish.EOS, Finish.LENGTH, Finish.DRAFT) or (seq.finish is Finish.CANCELLED and seq.stream):
             # A cancelled stream ends like any stream, with the text so far: its caller (the
             # streaming pipeline) cancelled it because its own client had gone, and Triton 2.51
             # never delivers an error response to a BLS caller whose client has cancelled, which
@@ -199,4 +234,4 @@ class EngineFrontend:
     def warm_up(self, audio_tokens: int, new_tokens: int) -> None:
         """Run one request through the engine on this thread, before the server reports ready."""
         hidden = self.decoder.engine.runner.llm.config.hidden_size
-        self.decoder.transcribe([(SpeechRequest(max_new_tokens=new_tokens), torch.randn(audio_tokens, hidden))])
+        self.decoder.transcribe([(SpeechRequest(max_new_tokens=new_tokens), torch.randn(audio_tokens, hidden), None)])

@@ -102,6 +102,8 @@ class DeploySettings:
         on_gpu = self.device == "cuda"
         values["float_type"] = TRITON_FLOAT_TYPES[self.dtype] if on_gpu and self.backend == "python" else "TYPE_FP32"
         values["cpu_only_inputs"] = "no" if on_gpu else "yes"
+        # the exported (libtorch) AR encoder makes no CTC draft
+        values["ar_draft_outputs"] = "" if self.backend == "libtorch" else "DRAFT_IDS,DRAFT_ENTROPY"
         return values
 
 
@@ -114,12 +116,14 @@ MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
         "ar_llm_decoder": ("llm_decoder", "config.pbtxt", {}),
         "ar_llm_engine": ("llm_engine", "config.pbtxt", {}),
         "granite_speech_stream": ("stream_pipeline", "config.pbtxt", {}),
+        "ar_ctc_aligner": ("ctc_aligner", "config.pbtxt", {}),
     },
     "nar": {
         "nar_feature_extractor": ("feature_extractor", "config.pbtxt", {}),
         "nar_conformer_encoder": ("conformer_encoder", "config.nar.pbtxt", {}),
         "nar_qformer_projector": ("qformer_projector", "config.nar.pbtxt", {}),
         "nar_head": ("nar_head", "config.pbtxt", {}),
+        "nar_ctc_aligner": ("ctc_aligner", "config.pbtxt", {}),
     },
 }
 ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}  # what clients call, per variant

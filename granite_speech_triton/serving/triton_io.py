@@ -33,7 +33,13 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from granite_speech_triton.model.errors import RequestError
-from granite_speech_triton.model.prompts import DEFAULT_MAX_NEW_TOKENS, SpeechRequest, parse_keywords
+from granite_speech_triton.model.prompts import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NUM_BEAMS,
+    SpeechRequest,
+    parse_keywords,
+)
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
 from granite_speech_triton.serving.placement import place
 
@@ -108,6 +114,11 @@ def request_options(request) -> SpeechRequest:
         punctuate=bool(optional_number(request, "PUNCTUATE", False)),
         max_new_tokens=int(optional_number(request, "MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
         timeout_ms=int(optional_number(request, "TIMEOUT_MS", 0)),
+        decode_mode=optional_text(request, "DECODE_MODE", "greedy"),
+        num_beams=int(optional_number(request, "NUM_BEAMS", DEFAULT_NUM_BEAMS)),
+        confidence=float(optional_number(request, "CONFIDENCE", DEFAULT_CONFIDENCE)),
+        entropy_gate=float(optional_number(request, "ENTROPY_GATE", 0.0)),
+        timestamps=bool(optional_number(request, "TIMESTAMPS", False)),
     )
 
 

@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.serving import bls
 
+INPUTS = ("AUDIO_EMBEDS", "OPTIONS", "DRAFT_IDS", "DRAFT_ENTROPY")
 OUTPUTS = ["TEXT", "TOKEN_IDS"]
 
 
@@ -22,7 +23,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            inputs = [pb_utils.get_input_tensor_by_name(request, name) for name in ("AUDIO_EMBEDS", "OPTIONS")]
+            inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in INPUTS) if t is not None]
             sender = request.get_response_sender()
             threading.Thread(target=self.relay, args=(inputs, sender), daemon=True).start()
         return None

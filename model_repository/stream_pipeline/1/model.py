@@ -4,7 +4,8 @@ Per request, a worker thread calls ar_encode (audio -> audio embeddings, options
 streams the decoding engine's partial responses back to the client. A client that cancels is
 seen here (Triton 2.51 does not pass cancellation through ensembles) and its engine request is
 cancelled by key. The STREAMS_IN_FLIGHT gauge counts the requests being served (the launcher's
-drain waits for it). Parameters: encode_model, engine_model.
+drain waits for it). Parameters: encode_model, draft_outputs (what ar_encode adds for draft
+modes), engine_model.
 """
 
 import json
@@ -19,7 +20,7 @@ from granite_speech_triton.serving.repository import STREAMS_IN_FLIGHT
 from granite_speech_triton.serving.triton_io import Counter
 
 INPUTS = ("AUDIO", "SAMPLE_RATE", "TASK", "LANGUAGE", "TARGET_LANGUAGE", "KEYWORDS", "PUNCTUATE", "MAX_NEW_TOKENS")
-INPUTS += ("TIMEOUT_MS",)
+INPUTS += ("TIMEOUT_MS", "DECODE_MODE", "NUM_BEAMS", "CONFIDENCE", "ENTROPY_GATE")
 OUTPUTS = ["TEXT", "TOKEN_IDS"]
 
 
@@ -30,6 +31,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = json.loads(args["model_config"])["parameters"]
         self.encode_model = params["encode_model"]["string_value"]
+        self.encoded = ["AUDIO_EMBEDS", "OPTIONS", *filter(None, params["draft_outputs"]["string_value"].split(","))]
         self.engine = params["engine_model"]["string_value"]
         self.dependencies = bls.Dependencies(self.encode_model, self.engine)
         self.open: dict[str, object] = {}  # engine key -> the client's request, while it streams
@@ -49,8 +51,8 @@ class TritonPythonModel:
         key = uuid.uuid4().hex
         try:
             self.dependencies.ensure_loaded()
-            encoded = bls.call(self.encode_model, inputs, ["AUDIO_EMBEDS", "OPTIONS"])
-            engine_inputs = [encoded["AUDIO_EMBEDS"], encoded["OPTIONS"], bls.control({"stream": True, "key": key})]
+            encoded = bls.call(self.encode_model, inputs, self.encoded)
+            engine_inputs = [*encoded.values(), bls.control({"stream": True, "key": key})]
             with self.lock:
                 self.open[key] = request
             self.relay(sender, bls.stream(self.engine, engine_inputs, [*OUTPUTS, "FINAL"]))
