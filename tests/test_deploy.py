@@ -449,6 +449,9 @@ def test_compose_api_service_talks_to_the_triton_service():
     assert set(gsa) <= API_SETTING_NAMES
     assert gsa["triton_url"] == f"triton:{GRPC}" and f"{GRPC}:{GRPC}" in services["triton"]["ports"]
     assert f"localhost:{API}/health" in " ".join(api["healthcheck"]["test"])
+    # compose stops the API before the triton service it depends on, and waits for its drain
+    api_drain = float(api["environment"]["GSA_DRAIN_TIMEOUT_S"].split(":-")[1].rstrip("}"))
+    assert api_drain == ApiSettings().drain_timeout_s and duration_s(api["stop_grace_period"]) > api_drain
 
 
 def test_prometheus_scrapes_triton_metrics():
@@ -506,9 +509,12 @@ def test_kubernetes_validate_rejects_a_misspelt_field():
 
 
 def container(name: str) -> dict:
-    containers = resource("Deployment")["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["triton", "api"]
-    return next(c for c in containers if c["name"] == name)
+    """Triton runs as a native sidecar (an init container that keeps running), the API as the container."""
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in (*pod["initContainers"], *pod["containers"])}
+    assert [c["name"] for c in pod["initContainers"]] == ["triton"]
+    assert [c["name"] for c in pod["containers"]] == ["api"]
+    return containers[name]
 
 
 def triton_container() -> dict:
@@ -533,14 +539,19 @@ def test_k8s_probes_use_the_deep_health_check_and_outlast_a_restart():
     assert_deep_health(readiness["exec"]["command"], timeout_s=readiness["timeoutSeconds"])
 
 
-def test_k8s_termination_grace_outlasts_the_drain():
-    pod, container = resource("Deployment")["spec"]["template"]["spec"], triton_container()
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    drain = float(env["GST_DRAIN_TIMEOUT_S"])
-    assert drain == DeploySettings().drain_timeout_s
-    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+def test_k8s_stops_the_api_first_and_the_termination_grace_outlasts_both_drains():
+    """Triton is a sidecar, stopped once the API has exited: the API's requests in flight (a long
+    file is several Triton requests) finish against a serving Triton, then Triton drains its own."""
+    pod, triton, api = resource("Deployment")["spec"]["template"]["spec"], triton_container(), container("api")
+    assert triton["restartPolicy"] == "Always" and "lifecycle" not in triton
+    triton_env = {e["name"]: e["value"] for e in triton["env"] if "value" in e}
+    api_env = {e["name"]: e["value"] for e in api["env"] if "value" in e}
+    drain = float(triton_env["GST_DRAIN_TIMEOUT_S"])
+    api_drain = ApiSettings.from_strings({"drain_timeout_s": api_env["GSA_DRAIN_TIMEOUT_S"]}).drain_timeout_s
+    assert drain == DeploySettings().drain_timeout_s and api_drain == ApiSettings().drain_timeout_s
+    sleep = api["lifecycle"]["preStop"]["exec"]["command"]  # endpoints drop the pod first
     assert sleep[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + drain + STOP_S
+    assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + api_drain + drain + STOP_S
 
 
 def test_k8s_deployment_runs_on_gpus_with_shm_and_checkpoints():
