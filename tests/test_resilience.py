@@ -1,7 +1,8 @@
 """The launcher (`granite-speech-triton serve`, serving/supervisor.py) on a real tritonserver: the
 deep health check, a model-repository API closed to clients, a stage killed under load (only the
 requests of the recovery window fail; every request after it is exact), and SIGTERM with requests
-in flight (all complete, exactly; new ones are refused at once; nothing is left behind).
+of every kind in flight (unary AR and NAR, streaming, word timestamps: all complete, exactly; new
+ones are refused at once; nothing is left behind).
 
 One launcher serves both variants for the whole module, since every start costs minutes here; the
 tests run in file order and the last one stops it. No timing is asserted: the recovery window and
@@ -40,6 +41,8 @@ SETTINGS = {**TEST_SETTINGS, "max_new_tokens_limit": 512, "drain_timeout_s": 600
 NEW_TOKENS = 32  # the load's requests
 LONG_TOKENS = 400  # the requests in flight at SIGTERM: long decodes
 KINDS = ("ar", "nar", "stream")
+# in flight at SIGTERM, besides KINDS: AR with word timestamps (the ensemble's ctc aligner step runs)
+DRAIN_KINDS = (*KINDS, "words")
 WAIT_S = 900.0  # generous bounds on waits for the server (a start takes minutes on a loaded CPU)
 
 
@@ -106,11 +109,15 @@ def audios() -> list[np.ndarray]:
 
 
 def request(client: GraniteSpeechClient, kind: str, audio: np.ndarray, new_tokens: int) -> tuple[int, ...]:
-    """One request of `kind` (AR unary, NAR or AR streaming); its token ids."""
+    """One request of `kind` (AR unary, NAR, AR streaming or AR with word timestamps); its token ids."""
     if kind == "stream":
         *_, last = client.transcribe_stream(audio, sample_rate=SAMPLE_RATE, max_new_tokens=new_tokens)
         assert last.final
         return last.token_ids
+    if kind == "words":
+        result = client.transcribe(audio, sample_rate=SAMPLE_RATE, max_new_tokens=new_tokens, timestamps=True)
+        assert result.token_ids == tuple(t for w in result.words for t in w.token_ids)  # every token aligned
+        return result.token_ids
     tokens = new_tokens if kind == "ar" else None
     return client.transcribe(audio, sample_rate=SAMPLE_RATE, variant=kind, max_new_tokens=tokens).token_ids
 
@@ -283,7 +290,7 @@ class LongRequests:
     streaming: dict[tuple[str, int], threading.Event] = field(default_factory=dict)  # set at a first partial
 
     def keys(self) -> list[tuple[str, int]]:
-        return [(kind, index) for kind in KINDS for index in range(len(self.audios))]
+        return [(kind, index) for kind in DRAIN_KINDS for index in range(len(self.audios))]
 
     def start(self) -> list[threading.Thread]:
         self.streaming |= {key: threading.Event() for key in self.keys() if key[0] == "stream"}
@@ -334,7 +341,7 @@ def test_sigterm_drains_requests_in_flight_then_stops_cleanly(launcher: Launcher
     assert launcher.process.wait(timeout=WAIT_S) == 0
 
     keys = long.keys()
-    assert long.results == {key: solo[(*key, LONG_TOKENS)] for key in keys}
+    assert long.results == {(kind, i): solo[("ar" if kind == "words" else kind, i, LONG_TOKENS)] for kind, i in keys}
     in_flight = [key for key in keys if long.ended_at[key] > sigterm_at]
     assert in_flight, "the streams had only started when SIGTERM came"
     last_end = max(long.ended_at[key] for key in in_flight)
