@@ -112,12 +112,14 @@ def test_make_port_variables_reach_every_command(target):
 
 
 def options(**overrides) -> server.ServerOptions:
+    """Options with a fixed shared-memory prefix (each server gets a new one by default)."""
+    fixed = {"shm_prefix": "gst-1-00000000-"}
     return server.ServerOptions(
         repositories=[Path("/r")],
         build_dir=Path("build"),
         tritonserver=Path("/t"),
         backend_directory=Path("/b"),
-        **overrides,
+        **{**fixed, **overrides},
     )
 
 
