@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -124,10 +124,9 @@ class Transport:
         """Call a tritonclient method, retrying UNAVAILABLE answers with exponential backoff."""
         if self.is_grpc:
             kwargs["client_timeout"] = self.settings.timeout_s
-        fn: Callable[..., Any] = getattr(self._client, method)
         for attempt in range(self.settings.retries + 1):
             try:
-                return fn(*args, **kwargs)
+                return getattr(self._client, method)(*args, **kwargs)  # a retry may have a new client
             except Exception as exc:
                 error = translate_error(exc, self.settings)
                 if error is None:
