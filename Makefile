@@ -17,11 +17,12 @@ PYTEST_ARGS ?=
 EXPORT_ARGS ?= --device cuda --dtype bfloat16
 LOADTEST_VARIANT ?= ar
 LOADTEST_ARGS ?=
+SOAK_ARGS ?=
 BENCH_VARIANTS ?= ar,nar
 BENCH_ARGS ?=
 BENCH_ENGINE_ARGS ?= --modes greedy,beam,cascade,speculative --planted
 
-.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny real-checkpoint bench-engine loadtest gpu-check clean
+.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny real-checkpoint bench-engine loadtest soak gpu-check clean
 
 setup:  ## virtual environment with the pinned runtime dependencies and this project
 	scripts/install.sh $(VENV)
@@ -72,6 +73,9 @@ bench-engine: setup-dev  ## AR engine: in-process vs scheduler=static vs infligh
 loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`; prints RTFx
 	$(PY) -m loadtest.run --server 127.0.0.1:$(HTTP_PORT) --users 4 --spawn-rate 4 --run-time 20s \
 		--variant $(LOADTEST_VARIANT) $(LOADTEST_ARGS)
+
+soak: setup-dev  ## 10 min of AR+NAR load with bad requests, and the server's memory (on its machine; make serve VARIANTS=ar,nar)
+	$(PY) -m loadtest.soak --server 127.0.0.1:$(HTTP_PORT) --duration 10m --warmup 2m --users 4 $(SOAK_ARGS)
 
 # The GPU image brings its own torch: without this project's venv, the system python runs the check.
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)

@@ -1,7 +1,7 @@
 """`granite-speech-triton`: render repositories, serve, run the demo, make tiny checkpoints.
 
     granite-speech-triton render --out build/repository --set ar_checkpoint=DIR ...
-    granite-speech-triton serve  --set ar_checkpoint=DIR [--variants ar,nar] [--http-port 8000 ...]
+    granite-speech-triton serve  --set ar_checkpoint=DIR [--variants ar,nar] [--http-port 8000 ...] [--log-to-stdout]
     granite-speech-triton demo   --set ar_checkpoint=DIR --audio samples/hello.wav [--random-weights]
     granite-speech-triton make-checkpoint build/tiny-ar [--nar] [--size tiny|reduced|real]
     granite-speech-triton export --checkpoint DIR --variant ar|nar --out build/libtorch [--device cuda --dtype bfloat16]
@@ -10,6 +10,8 @@
 Every `--set key=value` is a DeploySettings field (see serving/repository.py); unknown keys
 are rejected. Environment variables GST_<KEY> (e.g. GST_DEVICE=cuda) set defaults.
 serve, demo and bench check their ports before anything loads; a busy port is one line naming it.
+serve restarts tritonserver when one of its stages dies and drains requests in flight on SIGTERM
+(serving/supervisor.py).
 """
 
 from __future__ import annotations
@@ -103,22 +105,27 @@ def resolved(settings: DeploySettings, variants: tuple[str, ...]) -> DeploySetti
     return dataclasses.replace(settings, **paths)
 
 
-def prepared(args: argparse.Namespace) -> server.ServerOptions:
+def prepared(args: argparse.Namespace, settings: DeploySettings | None = None) -> server.ServerOptions:
     """Ports checked (before anything is downloaded or loaded), then the repositories rendered."""
     server.check_ports(args.address, port_map(args))
-    repositories = render(args.out, resolved(settings_from(args.set), args.variants), args.variants)
+    settings = settings or settings_from(args.set)
+    repositories = render(args.out, resolved(settings, args.variants), args.variants)
     return server_options(args, repositories)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    options = prepared(args)
-    if args.exec:
-        os.execvpe(options.command()[0], options.command(), options.environment())
-    with server.running(options, args.out / "server.log") as process:
-        print("serving; Ctrl-C stops the server", flush=True)
-        code = process.wait()
-    print(f"tritonserver exited with code {code}; log: {args.out / 'server.log'}", file=sys.stderr)
-    return code or 1
+    """Serve until SIGTERM/Ctrl-C (drained), restarting tritonserver if a stage dies (serving/supervisor.py)."""
+    from .serving.supervisor import Supervisor
+
+    settings = settings_from(args.set)
+    supervisor = Supervisor(
+        prepared(args, settings),
+        args.out / "server.log",
+        args.variants,
+        settings.drain_timeout_s,
+        echo_log=args.log_to_stdout,
+    )
+    return supervisor.run()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend-directory", type=Path, default=None, help="Triton backends folder")
         p.set_defaults(func=func)
     sub.choices["serve"].add_argument(
-        "--exec", action="store_true", help="become tritonserver, its log on stdout (containers; no progress lines)"
+        "--log-to-stdout", action="store_true", help="tritonserver's log on stdout too (containers: docker logs)"
     )
     demo_p = sub.choices["demo"]
     demo_p.add_argument("--audio", type=Path, default=Path("samples/granite_speech_demo.wav"))

@@ -12,6 +12,10 @@ One Locust request is one audio file; its response time is the client's measured
 The users share the files out (user i of N sends files i, i+N, i+2N, ...), so which files are sent
 never depends on how fast the server answers: with --passes K every user sends its share K times
 and the run ends when all have, so every file is sent exactly K times.
+
+`--variant mix` alternates the AR and NAR ensembles request by request; `--bad-every N` makes
+every Nth request of a user a bad one (loadtest/bad_requests.py), reported as `invalid_requests`:
+a success when the server answered it INVALID_ARG with its own message, a failure otherwise.
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ grpc_gevent.init_gevent()  # before tritonclient.grpc opens a channel
 import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 from granite_speech_client import SAMPLE_RATE, GraniteSpeechClient, GraniteSpeechError, load_audio  # noqa: E402
+from granite_speech_client.options import ENSEMBLES  # noqa: E402
+from granite_speech_client.transport import ConnectionSettings, Transport, normalize_url  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
+from loadtest import bad_requests  # noqa: E402
 from loadtest.report import LoadReport  # noqa: E402
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+VARIANTS = {"ar": ("ar",), "nar": ("nar",), "mix": ("ar", "nar")}
+INVALID = "invalid_requests"  # the name bad requests are reported under
 REPORT = LoadReport()
 
 
@@ -64,12 +73,13 @@ def clips(audio_dir: str) -> list[Clip]:
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("granite speech")
     group.add_argument("--audio-dir", default="", help="folder of wav/flac/ogg files (required)")
-    group.add_argument("--variant", choices=("ar", "nar"), default="ar", help="ensemble to load")
+    group.add_argument("--variant", choices=tuple(VARIANTS), default="ar", help="ensemble to load (mix: both)")
     group.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol")
     group.add_argument("--max-new-tokens", type=int, default=0, help="AR decode limit (0: server default)")
     group.add_argument("--request-timeout", type=float, default=300.0, help="per-request timeout, s")
     group.add_argument("--passes", type=int, default=0, help="each user sends its files this often (0: until -t)")
     group.add_argument("--report-dir", default="loadtest/results", help="where report.csv/html go")
+    group.add_argument("--bad-every", type=int, default=0, help="every Nth request of a user is bad (0: none)")
 
 
 @events.init.add_listener
@@ -114,14 +124,19 @@ class GraniteSpeechUser(User):
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        self.variant = options.variant
+        self.variants = VARIANTS[options.variant]
         self.protocol = options.protocol
-        self.max_new_tokens = (options.max_new_tokens or None) if self.variant == "ar" else None
+        self.max_new_tokens = options.max_new_tokens or None
         self.client = GraniteSpeechClient(self.host, options.protocol, timeout_s=options.request_timeout, retries=0)
         users = max(options.num_users or 1, 1)
         own = share(clips(options.audio_dir), next(self._count) % users, users)
         passes = options.passes
         self.clips = iter(own * passes) if passes else itertools.cycle(own)
+        self.sent = 0
+        self.bad_every = options.bad_every
+        self.bad = itertools.cycle([b for b in bad_requests.catalog() if b.variant in self.variants])
+        url = normalize_url(self.host, self.protocol)
+        self.transport = Transport(ConnectionSettings(url, self.protocol, options.request_timeout, retries=0))
 
     def finish(self) -> None:
         """This user sent everything it had to: stop it, and end the run once every user has.
@@ -135,18 +150,26 @@ class GraniteSpeechUser(User):
 
     def on_stop(self) -> None:
         self.client.close()
+        self.transport.close()
 
     @task
     def transcribe(self) -> None:
+        self.sent += 1
+        if self.bad_every and self.sent % self.bad_every == 0:
+            self.send_bad(next(self.bad))
+            return
         clip = next(self.clips, None)
         if clip is None:
             self.finish()
-        name = "granite_speech" if self.variant == "ar" else "granite_speech_nar"
+        variant = self.variants[self.sent % len(self.variants)]
+        new_tokens = self.max_new_tokens if variant == "ar" else None
+        name = ENSEMBLES[variant]
         started = time.perf_counter()
-        context = {"file": clip.name, "audio_seconds": clip.samples.shape[0] / SAMPLE_RATE}
+        label = clip.name if len(self.variants) == 1 else f"{name}/{clip.name}"  # texts.json's key
+        context = {"file": label, "audio_seconds": clip.samples.shape[0] / SAMPLE_RATE}
         try:
             result = self.client.transcribe(
-                clip.samples, sample_rate=SAMPLE_RATE, variant=self.variant, max_new_tokens=self.max_new_tokens
+                clip.samples, sample_rate=SAMPLE_RATE, variant=variant, max_new_tokens=new_tokens
             )
         except GraniteSpeechError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
@@ -154,6 +177,15 @@ class GraniteSpeechUser(User):
             return
         context["text"] = result.text
         self.fire(name, result.latency_s * 1000, len(result.text.encode()), context, None)
+
+    def send_bad(self, bad: bad_requests.BadRequest) -> None:
+        started = time.perf_counter()
+        try:
+            bad_requests.check(self.transport, bad)
+            error = None
+        except AssertionError as exc:
+            error = exc
+        self.fire(INVALID, (time.perf_counter() - started) * 1000, 0, {"bad": bad.name}, error)
 
     def fire(self, name: str, response_time_ms: float, length: int, context: dict, exc: Exception | None) -> None:
         self.environment.events.request.fire(

@@ -36,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--passes", type=int, default=0, help="send every file this often, then stop (0: until --run-time)"
     )
     parser.add_argument("--audio-dir", type=Path, default=None, help="wav/flac/ogg files (default: synthesize)")
-    parser.add_argument("--variant", choices=("ar", "nar"), default="ar")
+    parser.add_argument("--variant", choices=("ar", "nar", "mix"), default="ar", help="mix: AR and NAR alternate")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="AR decode limit (0: server default)")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results", help="report folder")
     parser.add_argument("--stop-timeout", default="60", help="seconds users may finish their request at the end")
+    parser.add_argument(
+        "--bad-every", type=int, default=0, help="every Nth request of a user is a bad one, expected INVALID_ARG"
+    )
     return parser
 
 
@@ -66,6 +69,7 @@ def locust_command(args: argparse.Namespace, audio_dir: Path) -> list[str]:
         f"--max-new-tokens={args.max_new_tokens}",
         f"--passes={args.passes}",
         f"--report-dir={out}",
+        f"--bad-every={args.bad_every}",
     ]
 
 

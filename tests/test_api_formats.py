@@ -10,6 +10,7 @@ import pytest
 import srt
 import webvtt
 from granite_speech_api import ApiSettings
+from granite_speech_api import cli as api_cli
 from granite_speech_api.app import UploadLimit
 from granite_speech_api.errors import ApiError
 from granite_speech_api.formats import MAX_SEGMENT_CHARS, PAUSE_S, Segment, segments_from_words, vtt
@@ -57,6 +58,16 @@ def test_settings_from_strings_and_environment(monkeypatch):
         ApiSettings.from_strings({"max_upload": "1"})
     with pytest.raises(ValueError, match="protocol"):
         ApiSettings(protocol="websocket")
+    with pytest.raises(ValueError, match="drain_timeout_s"):
+        ApiSettings(drain_timeout_s=-1)
+
+
+def test_the_api_drains_its_requests_for_drain_timeout_s_on_sigterm(monkeypatch):
+    """uvicorn's graceful shutdown (no new connections, requests in flight finish) gets the setting."""
+    started = {}
+    monkeypatch.setattr(api_cli.uvicorn, "run", lambda app, **kwargs: started.update(kwargs))
+    api_cli.main(["--set", "drain_timeout_s=45", "--set", "port=9091"])
+    assert started["timeout_graceful_shutdown"] == 45.0 and started["port"] == 9091
 
 
 def test_upload_limit_refuses_a_large_body_by_its_header_or_as_it_arrives():

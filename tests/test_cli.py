@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,23 @@ def test_health(ar_server):
     assert json.loads(as_json.stdout)["ensembles"] == {"granite_speech": True, "granite_speech_nar": False}
     unreachable = cli("health", "--server", f"127.0.0.1:{free_port()}", "--retries", "0")
     assert unreachable.returncode == 3 and "is unreachable" in unreachable.stderr
+
+
+def test_deep_health_sends_a_request_through_every_ready_pipeline(ar_server):
+    done = cli("health", "--deep", "--server", ar_server.grpc_url)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"server {ar_server.grpc_url}: live yes, ready yes"
+    assert re.fullmatch(r"granite_speech \(ar\): ready, answered in \d+\.\d\d s", lines[1])
+    assert lines[2] == "granite_speech_nar (nar): not ready"  # not deployed on this server: fine
+    assert re.fullmatch(r"granite_speech_stream \(ar, streaming\): ready, answered in \d+\.\d\d s", lines[3])
+    required = cli(
+        "health", "--deep", "--variant", "nar", "--json", "--server", ar_server.http_url, "--protocol", "http"
+    )
+    assert required.returncode == 4, "the asked variant is not served"
+    pipelines = json.loads(required.stdout)["pipelines"]
+    assert pipelines["granite_speech"]["ok"] and pipelines["granite_speech_stream"]["ok"]
+    assert pipelines["granite_speech_nar"] == {"ready": False, "seconds": None, "busy": False, "error": "", "ok": False}
 
 
 def test_help_documents_exit_codes():

@@ -26,7 +26,7 @@ import yaml
 from granite_speech_api import ApiSettings
 
 from granite_speech_triton import cli
-from granite_speech_triton.serving import server
+from granite_speech_triton.serving import server, supervisor
 from granite_speech_triton.serving.repository import ENSEMBLE_FOLDERS, MODELS, DeploySettings, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,9 @@ K8S_VERSION = "1.37.0"
 CRD_GROUPS = ("monitoring.coreos.com/",)  # validated structurally below, not by schema
 HTTP, GRPC, METRICS, API = 8000, 8001, 8002, 8080
 SETTING_NAMES = {f.name for f in fields(DeploySettings)}
+DEEP_HEALTH = ["granite-speech", "health", "--deep", "--server", f"localhost:{GRPC}"]
+# What a stop may take after SIGTERM: the drain, then tritonserver's exit timeout and our margin.
+STOP_S = supervisor.STOP_TIMEOUT_S + supervisor.KILL_MARGIN_S
 API_SETTING_NAMES = {f.name for f in fields(ApiSettings)}
 
 
@@ -135,7 +138,8 @@ def test_dockerfile_runs_unprivileged_with_healthcheck_and_entrypoint():
     user = [a for i, a in instructions if i == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
     healthcheck = next(a for i, a in instructions if i == "HEALTHCHECK")
-    assert f"http://localhost:{HTTP}/v2/health/ready" in healthcheck
+    command = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert_deep_health(command, timeout_s=float(re.search(r"--timeout=(\d+)s", healthcheck).group(1)))
     entrypoint = json.loads(next(a for i, a in instructions if i == "ENTRYPOINT"))
     assert entrypoint[-1] == "/opt/granite-speech-triton/docker/entrypoint.sh"
     assert any(i == "COPY" and "docker/entrypoint.sh docker/" in a and "--chmod=0755" in a for i, a in instructions)
@@ -199,18 +203,21 @@ def entrypoint_argv(tmp_path: Path, *extra: str, env: dict[str, str] | None = No
     return json.loads(record.read_text())
 
 
-def test_entrypoint_serves_on_all_interfaces_with_model_control_none(tmp_path: Path):
+def test_entrypoint_runs_the_launcher_on_all_interfaces_with_a_private_model_control_api(tmp_path: Path):
     argv = entrypoint_argv(tmp_path, "--set", "max_queue_delay_us=5000", env={"SERVE_VARIANTS": "ar,nar"})
     args = cli.build_parser().parse_args(argv)
     assert args.func is cli.cmd_serve and args.variants == ("ar", "nar") and args.set == ["max_queue_delay_us=5000"]
-    assert args.exec, "tritonserver replaces the entrypoint: it gets SIGTERM, `docker logs` shows its log"
+    assert args.log_to_stdout, "the launcher gets SIGTERM (it drains); `docker logs` shows tritonserver's log"
     options = cli.server_options(args, [Path("/tmp/r/model_repository"), Path("/tmp/r/ensemble")])
-    command = options.command()
+    supervised = supervisor.Supervisor(options, Path("/tmp/r/server.log"), args.variants, 30.0)
+    command = supervised.options.command()
     assert command[0] == "/opt/tritonserver/bin/tritonserver"
     expected = {
         "--backend-directory=/opt/tritonserver/backends",
-        "--model-control-mode=none",
+        "--model-control-mode=explicit",
+        "--load-model=*",
         "--strict-readiness=true",
+        f"--exit-timeout-secs={supervisor.STOP_TIMEOUT_S}",
         "--http-address=0.0.0.0",
         "--grpc-address=0.0.0.0",
         f"--http-port={HTTP}",
@@ -220,9 +227,23 @@ def test_entrypoint_serves_on_all_interfaces_with_model_control_none(tmp_path: P
         "--backend-config=python,shm-growth-byte-size=67108864",
     }
     assert expected <= set(command), sorted(expected - set(command))
-    assert not [c for c in command if c.startswith("--load-model")]
+    assert_private_model_control(command, supervised.options.admin_key)
     # The NGC server brings its own libraries: nothing from nvidia-pytriton (not in the image) is added.
     assert options.environment().get("LD_LIBRARY_PATH") == os.environ.get("LD_LIBRARY_PATH")
+
+
+def assert_private_model_control(command: list[str], key: str) -> None:
+    """Load/unload/index on both protocols need the launcher's key, a fresh random one."""
+    assert len(key) >= 24
+    restricted = f"model-repository:{server.ADMIN_HEADER}={key}"
+    assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
+
+
+def assert_deep_health(command: list[str], timeout_s: float) -> None:
+    """The deep health check, whose own request timeout ends before the probe's."""
+    assert command[: len(DEEP_HEALTH)] == DEEP_HEALTH, command
+    request_timeout = float(command[command.index("--timeout") + 1])
+    assert request_timeout < timeout_s and command[command.index("--retries") + 1] == "0"
 
 
 def test_entrypoint_settings_come_from_the_environment(tmp_path: Path):
@@ -399,12 +420,23 @@ def test_compose_triton_service():
     (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] >= 1
     assert {f"{p}:{p}" for p in (HTTP, GRPC, METRICS)} <= set(triton["ports"])
-    assert f"http://localhost:{HTTP}/v2/health/ready" in triton["healthcheck"]["test"]
+    health = triton["healthcheck"]
+    assert health["test"][0] == "CMD"
+    assert_deep_health(health["test"][1:], timeout_s=float(health["timeout"].removesuffix("s")))
+    drain = float(triton["environment"]["GST_DRAIN_TIMEOUT_S"].split(":-")[1].rstrip("}"))
+    assert drain == DeploySettings().drain_timeout_s
+    assert duration_s(triton["stop_grace_period"]) > drain + STOP_S, "compose would kill the drain"
     assert re.fullmatch(r"[1-9]\d*gb?", str(triton["shm_size"]))
     targets = [re.search(r":(/[^:]*)(:ro|:rw)?$", v).group(1) for v in triton["volumes"]]
     assert "/models" in targets and dockerfile_env()["HF_HOME"] in targets
     gst = {k.removeprefix("GST_").lower() for k in triton["environment"] if k.startswith("GST_")}
     assert gst <= SETTING_NAMES and triton["environment"]["GST_DEVICE"] == "cuda"
+
+
+def duration_s(text: str) -> float:
+    """A compose duration ("75s", "1m30s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", text))
 
 
 def test_compose_api_service_talks_to_the_triton_service():
@@ -417,6 +449,9 @@ def test_compose_api_service_talks_to_the_triton_service():
     assert set(gsa) <= API_SETTING_NAMES
     assert gsa["triton_url"] == f"triton:{GRPC}" and f"{GRPC}:{GRPC}" in services["triton"]["ports"]
     assert f"localhost:{API}/health" in " ".join(api["healthcheck"]["test"])
+    # compose stops the API before the triton service it depends on, and waits for its drain
+    api_drain = float(api["environment"]["GSA_DRAIN_TIMEOUT_S"].split(":-")[1].rstrip("}"))
+    assert api_drain == ApiSettings().drain_timeout_s and duration_s(api["stop_grace_period"]) > api_drain
 
 
 def test_prometheus_scrapes_triton_metrics():
@@ -474,9 +509,12 @@ def test_kubernetes_validate_rejects_a_misspelt_field():
 
 
 def container(name: str) -> dict:
-    containers = resource("Deployment")["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["triton", "api"]
-    return next(c for c in containers if c["name"] == name)
+    """Triton runs as a native sidecar (an init container that keeps running), the API as the container."""
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in (*pod["initContainers"], *pod["containers"])}
+    assert [c["name"] for c in pod["initContainers"]] == ["triton"]
+    assert [c["name"] for c in pod["containers"]] == ["api"]
+    return containers[name]
 
 
 def triton_container() -> dict:
@@ -488,13 +526,32 @@ def container_port(name_or_number: str | int) -> int:
     return ports[name_or_number] if isinstance(name_or_number, str) else name_or_number
 
 
-def test_k8s_probes_target_triton_health_endpoints():
+def test_k8s_probes_use_the_deep_health_check_and_outlast_a_restart():
     container = triton_container()
-    for probe, path in (("startupProbe", "ready"), ("readinessProbe", "ready"), ("livenessProbe", "live")):
+    for probe, path in (("startupProbe", "ready"), ("livenessProbe", "live")):
         get = container[probe]["httpGet"]
         assert get["path"] == f"/v2/health/{path}" and container_port(get["port"]) == HTTP, probe
-    startup = container["startupProbe"]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model load and warm-up take minutes"
+    # the launcher restarts tritonserver when a stage dies: liveness must not kill it while it loads
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 600
+    readiness = container["readinessProbe"]
+    assert_deep_health(readiness["exec"]["command"], timeout_s=readiness["timeoutSeconds"])
+
+
+def test_k8s_stops_the_api_first_and_the_termination_grace_outlasts_both_drains():
+    """Triton is a sidecar, stopped once the API has exited: the API's requests in flight (a long
+    file is several Triton requests) finish against a serving Triton, then Triton drains its own."""
+    pod, triton, api = resource("Deployment")["spec"]["template"]["spec"], triton_container(), container("api")
+    assert triton["restartPolicy"] == "Always" and "lifecycle" not in triton
+    triton_env = {e["name"]: e["value"] for e in triton["env"] if "value" in e}
+    api_env = {e["name"]: e["value"] for e in api["env"] if "value" in e}
+    drain = float(triton_env["GST_DRAIN_TIMEOUT_S"])
+    api_drain = ApiSettings.from_strings({"drain_timeout_s": api_env["GSA_DRAIN_TIMEOUT_S"]}).drain_timeout_s
+    assert drain == DeploySettings().drain_timeout_s and api_drain == ApiSettings().drain_timeout_s
+    sleep = api["lifecycle"]["preStop"]["exec"]["command"]  # endpoints drop the pod first
+    assert sleep[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + api_drain + drain + STOP_S
 
 
 def test_k8s_deployment_runs_on_gpus_with_shm_and_checkpoints():
@@ -574,11 +631,16 @@ def test_k8s_api_container_talks_to_its_own_triton():
 
 
 def test_production_configs_never_let_clients_load_models():
+    """Only the launcher's explicit mode, with the model-repository API behind its key; no polling."""
     text = "\n".join(p.read_text() for p in [*DOCKER.rglob("*"), INSTALL] if p.is_file() and p.suffix != ".md")
-    modes = re.findall(r"model[-_]control[-_]mode[= ]+['\"]?(\w+)", text)
-    assert set(modes) <= {"none"}
-    assert "--load-model" not in text and "repository-poll" not in text
-    assert server.ServerOptions(repositories=[], build_dir=Path("build")).model_control_mode == "none"
+    assert not re.findall(r"model[-_]control[-_]mode", text)
+    assert "--load-model" not in text and "repository-poll" not in text and "restricted" not in text
+    options = server.ServerOptions(repositories=[], build_dir=Path("build"), tritonserver=Path("/t"))
+    first = supervisor.Supervisor(options, Path("log"), ("ar",), 1.0).options
+    second = supervisor.Supervisor(options, Path("log"), ("ar",), 1.0).options
+    assert first.admin_key != second.admin_key
+    assert_private_model_control(first.command(), first.admin_key)
+    assert not [arg for arg in options.command() if "restricted" in arg], "no key: nothing to restrict"
 
 
 def test_docker_readme_names_the_settings_it_documents():

@@ -92,6 +92,7 @@ MAKE_TARGETS = {  # target -> what its command line must contain
     "bench": "--http-port 9100 --grpc-port 9101 --metrics-port 9102",
     "bench-tiny": "--http-port 9100 --grpc-port 9101 --metrics-port 9102",
     "loadtest": "--server 127.0.0.1:9100",
+    "soak": "--server 127.0.0.1:9100",
 }
 
 
@@ -103,7 +104,7 @@ def test_make_port_variables_reach_every_command(target):
     done = subprocess.run([make, "-n", target, *ports], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.replace("\\\n", " ").splitlines()
-    (line,) = [line for line in lines if "granite_speech_triton.cli" in line or "loadtest.run" in line]
+    (line,) = [line for line in lines if "granite_speech_triton.cli" in line or "-m loadtest." in line]
     assert MAKE_TARGETS[target] in re.sub(r"\s+", " ", line)
 
 
@@ -111,12 +112,14 @@ def test_make_port_variables_reach_every_command(target):
 
 
 def options(**overrides) -> server.ServerOptions:
+    """Options with a fixed shared-memory prefix (each server gets a new one by default)."""
+    fixed = {"shm_prefix": "gst-1-00000000-"}
     return server.ServerOptions(
         repositories=[Path("/r")],
         build_dir=Path("build"),
         tritonserver=Path("/t"),
         backend_directory=Path("/b"),
-        **overrides,
+        **{**fixed, **overrides},
     )
 
 

@@ -30,4 +30,9 @@ def parse_settings(argv: list[str] | None = None) -> ApiSettings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )

@@ -22,6 +22,8 @@ class ApiSettings:
     tokens_per_second: float = 8.0  # AR budget of new tokens per second of audio (at least the card's 200)
     request_timeout_s: float = 600.0  # per request to Triton (a long file is several requests)
     max_pieces_in_flight: int = 4  # requests to Triton at a time for one long file
+    # SIGTERM: no new connections; requests in flight get this long to finish, then are cancelled.
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -30,6 +32,8 @@ class ApiSettings:
         for name in (*positive, "max_pieces_in_flight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be 0 (no drain) or positive, got {self.drain_timeout_s}")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -138,5 +138,17 @@ def quietest_point(audio: np.ndarray, lo: int, hi: int) -> int:
     return lo + (first + last + ENERGY_SMOOTH_BLOCKS) * hop // 2  # middle of blocks first .. last + 2
 
 
+PROBE_SECONDS = 0.5  # length of the health check's request
+PROBE_HZ = 440.0
+PROBE_AMPLITUDE = 0.1
+
+
+def probe_audio() -> np.ndarray:
+    """The deep health check's audio: half a second of a quiet tone, [samples] at 16 kHz. Real
+    signal on purpose: digital silence is answered without running the models."""
+    t = np.arange(int(PROBE_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+    return (PROBE_AMPLITUDE * np.sin(2 * np.pi * PROBE_HZ * t)).astype(np.float32)
+
+
 def is_digital_silence(audio: np.ndarray) -> bool:
     return not np.any(audio)

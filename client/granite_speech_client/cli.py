@@ -4,7 +4,7 @@
     granite-speech translate a.wav --to fr [--language en] [--punctuate]
     granite-speech transcribe a.wav --stream       (AR: prints the text as it is generated)
     granite-speech transcribe a.wav --decode-mode cascade|beam|speculative [--num-beams 2]
-    granite-speech health
+    granite-speech health [--deep]         (--deep: a tiny request through every ready pipeline)
 
 Exit codes:
   0  every file succeeded
@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .client import GraniteSpeechClient
-from .errors import GraniteSpeechError, InvalidRequestError
+from .client import PIPELINES, GraniteSpeechClient
+from .errors import GraniteSpeechError, InvalidRequestError, ServerOverloadedError
 from .options import (
     ASR_LANGUAGES,
     DECODE_MODES,
@@ -40,7 +40,8 @@ from .options import (
     RequestOptions,
     parse_keywords,
 )
-from .results import ItemResult
+from .results import ItemResult, PipelineCheck
+from .streaming import STREAMING_MODEL
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
 BAR_WIDTH = 30  # characters
@@ -196,18 +197,41 @@ def common_options(args: argparse.Namespace, options: RequestOptions) -> dict:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the server is ready and the asked variant (default: any ensemble) is ready."""
+    """Exit 0 when the server is ready and the asked variant (default: any ensemble) is ready;
+    with --deep, also when a tiny real request through every ready pipeline is answered."""
     health = args.client.health()
     wanted = [ENSEMBLES[args.variant]] if args.variant else list(ENSEMBLES.values())
+    ok = health.live and health.ready and any(health.ensembles[name] for name in wanted)
+    checks = deep_checks(args.client) if args.deep and health.live else {}
+    if args.deep:  # every ready pipeline, and the asked variant's, must answer
+        required = wanted if args.variant else []
+        ok = ok and all(check.ok for name, check in checks.items() if check.ready or name in required)
     if args.json:
-        print(json.dumps({"server": args.client.settings.url, **health.to_dict()}))
+        pipelines = {"pipelines": {name: check.to_dict() for name, check in checks.items()}} if args.deep else {}
+        print(json.dumps({"server": args.client.settings.url, **health.to_dict(), **pipelines}))
     else:
         yes_no = {True: "yes", False: "no"}
         print(f"server {args.client.settings.url}: live {yes_no[health.live]}, ready {yes_no[health.ready]}")
-        for variant, name in ENSEMBLES.items():
-            print(f"{name} ({variant}): {'ready' if health.ensembles[name] else 'not ready'}")
-    ok = health.live and health.ready and any(health.ensembles[name] for name in wanted)
+        for name, variant in (PIPELINES if args.deep else {v: k for k, v in ENSEMBLES.items()}).items():
+            state = checks[name].describe() if args.deep else ("ready" if health.ensembles[name] else "not ready")
+            print(f"{name} ({variant}{', streaming' if name == STREAMING_MODEL else ''}): {state}")
     return EXIT_OK if ok else 4
+
+
+def deep_checks(client: GraniteSpeechClient) -> dict[str, PipelineCheck]:
+    """Each pipeline's readiness, and for a ready one, a tiny request through it (see `probe`)."""
+    checks = {}
+    for name in PIPELINES:
+        if not client.is_ready(name):
+            checks[name] = PipelineCheck(ready=False)
+            continue
+        try:
+            checks[name] = PipelineCheck(ready=True, seconds=client.probe(name))
+        except ServerOverloadedError:
+            checks[name] = PipelineCheck(ready=True, busy=True)
+        except GraniteSpeechError as exc:
+            checks[name] = PipelineCheck(ready=True, error=str(exc))
+    return checks
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     translate.set_defaults(func=cmd_translate)
     health = sub.add_parser("health", help="server liveness/readiness and each ensemble's readiness")
     health.add_argument("--variant", choices=VARIANTS, default=None, help="exit 4 unless this variant is ready")
+    health.add_argument(
+        "--deep",
+        action="store_true",
+        help="also send a tiny request through every ready pipeline (AR, NAR, streaming); exit 4 if one fails",
+    )
     health.add_argument("--json", action="store_true", help="print one JSON object")
     add_connection_arguments(health)
     health.set_defaults(func=cmd_health)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioSource, Span, is_digital_silence, load_audio, split_points
+from .audio import SAMPLE_RATE, AudioSource, Span, is_digital_silence, load_audio, probe_audio, split_points
 from .errors import AudioInputError, GraniteSpeechError, InvalidRequestError, ModelNotReadyError
 from .options import (
     ENSEMBLES,
@@ -24,10 +24,13 @@ from .options import (
     parse_keywords,
 )
 from .results import Health, ItemResult, Piece, SpeechResult, StreamUpdate, Word
-from .streaming import decode_text, stream
+from .streaming import STREAMING_MODEL, decode_text, stream
 from .transport import ConnectionSettings, TransportPool, normalize_url
 
 DEFAULT_MAX_AUDIO_SECONDS = 120.0  # used when the server's feature extractor does not say
+# What the deep health check sends a request through: {entry model: variant}.
+PIPELINES = {ENSEMBLES["ar"]: "ar", ENSEMBLES["nar"]: "nar", STREAMING_MODEL: "ar"}
+PROBE_NEW_TOKENS = 1  # AR: one generated token shows that every step ran
 OUTPUTS = ("TEXT", "TOKEN_IDS")
 WORD_OUTPUTS = ("WORDS", "WORD_TIMES", "WORD_TOKENS")  # with TIMESTAMPS
 
@@ -222,6 +225,23 @@ class GraniteSpeechClient:
         ready = transport.call("is_server_ready")
         ensembles = {name: bool(transport.call("is_model_ready", name)) for name in ENSEMBLES.values()}
         return Health(bool(live), bool(ready), ensembles)
+
+    def is_ready(self, model: str) -> bool:
+        """Whether the server reports `model` (an ensemble, the streaming model...) ready."""
+        return bool(self._pool.get().call("is_model_ready", model))
+
+    def probe(self, pipeline: str) -> float:
+        """One tiny real request through `pipeline` (a key of PIPELINES), every step of it run:
+        returns its latency in seconds, or raises what the request raised."""
+        started = time.perf_counter()
+        variant = PIPELINES[pipeline]
+        new_tokens = PROBE_NEW_TOKENS if variant == "ar" else None
+        if pipeline == STREAMING_MODEL:
+            for _update in self.transcribe_stream(probe_audio(), sample_rate=SAMPLE_RATE, max_new_tokens=new_tokens):
+                pass
+        else:
+            self.transcribe(probe_audio(), sample_rate=SAMPLE_RATE, variant=variant, max_new_tokens=new_tokens)
+        return time.perf_counter() - started
 
     def check_ready(self, variant: str = "ar") -> None:
         """Raise ServerUnreachableError or ModelNotReadyError unless `variant` can be served."""

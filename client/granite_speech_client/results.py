@@ -100,3 +100,29 @@ class Health:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PipelineCheck:
+    """One pipeline in a deep health check: ready, and whether a tiny real request got through."""
+
+    ready: bool
+    seconds: float | None = None  # the request's latency when it was answered
+    busy: bool = False  # answered UNAVAILABLE (queue full): alive, overloaded
+    error: str = ""  # why the request failed
+
+    @property
+    def ok(self) -> bool:
+        return self.ready and not self.error
+
+    def describe(self) -> str:
+        if not self.ready:
+            return "not ready"
+        if self.error:
+            return f"ready, request FAILED: {self.error}"
+        if self.busy:
+            return "ready, busy (the request was refused as overload)"
+        return f"ready, answered in {self.seconds:.2f} s"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}

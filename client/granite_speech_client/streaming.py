@@ -18,7 +18,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from .errors import ServerRejectedError
-from .transport import ConnectionSettings, translate_error
+from .transport import ConnectionSettings, grpc_client, translate_error
 
 STREAMING_MODEL = "granite_speech_stream"
 Update = tuple[str, tuple[int, ...], bool]  # (text so far, token ids so far, final)
@@ -30,7 +30,7 @@ def stream(settings: ConnectionSettings, inputs: dict[str, np.ndarray]) -> Itera
 
 
 def grpc_stream(settings: ConnectionSettings, inputs: dict[str, np.ndarray]) -> Iterator[Update]:
-    client = triton_grpc.InferenceServerClient(settings.url)
+    client = grpc_client(settings)
     responses: queue.Queue = queue.Queue()
     tensors = []
     for name, value in inputs.items():

@@ -4,13 +4,19 @@ tritonclient's clients are not thread safe, so `TransportPool` keeps one per thr
 Retries happen here, with exponential backoff, and only for UNAVAILABLE: connection failures
 (refused, reset) and an overloaded server (a model's queue full or timed out). INVALID_ARG and
 every other answer are final.
+
+After a connection failure the connection is made anew. A gRPC channel that failed to connect
+waits out a reconnect backoff that grows to two minutes, failing every call at once meanwhile,
+and by default channels to one address share that state: a client would keep failing long after
+a restarted server is back. So each gRPC channel keeps its connection to itself, and one that
+failed is replaced before the next call.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,6 +43,17 @@ UNAVAILABLE_STATUSES = ("StatusCode.UNAVAILABLE", "502", "503")
 # Triton's messages when a model's queue policy rejects a request (max_queue_size, queue timeout).
 OVERLOAD_HINTS = ("exceeds maximum queue size", "request timeout expired")
 RETRIED = (ServerUnreachableError, ServerOverloadedError)
+# tritonclient's own channel options, plus a connection (subchannel) of the channel's own.
+_KEEPALIVE = triton_grpc.KeepAliveOptions()
+GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", triton_grpc.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", triton_grpc.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", _KEEPALIVE.keepalive_time_ms),
+    ("grpc.keepalive_timeout_ms", _KEEPALIVE.keepalive_timeout_ms),
+    ("grpc.keepalive_permit_without_calls", _KEEPALIVE.keepalive_permit_without_calls),
+    ("grpc.http2.max_pings_without_data", _KEEPALIVE.http2_max_pings_without_data),
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 T = TypeVar("T")
 
@@ -82,31 +99,41 @@ def translate_error(exc: BaseException, settings: ConnectionSettings) -> Granite
     return None
 
 
+def grpc_client(settings: ConnectionSettings) -> triton_grpc.InferenceServerClient:
+    """A gRPC client with a connection of its own (see the module's docstring)."""
+    return triton_grpc.InferenceServerClient(settings.url, channel_args=GRPC_CHANNEL_ARGS)
+
+
 class Transport:
     """A tritonclient client of either protocol behind one small interface."""
 
     def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
         self.is_grpc = settings.protocol == "grpc"
+        self._client: Any = self._connect()
+
+    def _connect(self) -> Any:
         if self.is_grpc:
-            self._client: Any = triton_grpc.InferenceServerClient(settings.url)
-        else:
-            self._client = triton_http.InferenceServerClient(
-                settings.url, connection_timeout=settings.connect_timeout_s, network_timeout=settings.timeout_s
-            )
+            return grpc_client(self.settings)
+        settings = self.settings
+        return triton_http.InferenceServerClient(
+            settings.url, connection_timeout=settings.connect_timeout_s, network_timeout=settings.timeout_s
+        )
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a tritonclient method, retrying UNAVAILABLE answers with exponential backoff."""
         if self.is_grpc:
             kwargs["client_timeout"] = self.settings.timeout_s
-        fn: Callable[..., Any] = getattr(self._client, method)
         for attempt in range(self.settings.retries + 1):
             try:
-                return fn(*args, **kwargs)
+                return getattr(self._client, method)(*args, **kwargs)  # a retry may have a new client
             except Exception as exc:
                 error = translate_error(exc, self.settings)
                 if error is None:
                     raise
+                if isinstance(error, ServerUnreachableError):  # the next call connects anew
+                    self._client.close()
+                    self._client = self._connect()
                 if not isinstance(error, RETRIED) or attempt == self.settings.retries:
                     raise error from exc
             time.sleep(self.settings.retry_backoff_s * 2**attempt)

@@ -202,7 +202,11 @@ class EngineFrontend:
     def _deliver(self, delivery: Delivery, seq: Sequence) -> None:
         if seq.finish is None:
             self._partial(delivery, seq)
-        elif seq.finish in (Finish.EOS, Finish.LENGTH, Finish.DRAFT):
+        elif seq.finish in (Finish.EOS, Finish.LENGTH, Finish.DRAFT) or (seq.finish is Finish.CANCELLED and seq.stream):
+            # A cancelled stream ends like any stream, with the text so far: its caller (the
+            # streaming pipeline) cancelled it because its own client had gone, and Triton 2.51
+            # never delivers an error response to a BLS caller whose client has cancelled, which
+            # would leave that caller waiting for good.
             self.metrics.on_end(seq)
             delivery.sender.send(self._response(self.decoder.text(seq.tokens), seq.tokens, final=True), flags=FINAL)
         else:

@@ -61,6 +61,9 @@ class DeploySettings:
     max_decode_rows: int = 16  # AR engine: requests decoded together (rows of the KV cache)
     kv_tokens_per_row: int = 0  # AR engine: KV positions per row (0 = max_audio_seconds + max_new_tokens_limit fit)
     prefill_token_budget: int = 2048  # AR engine: prompt tokens prefilled together in one packed forward
+    # Shutdown (`serve`): on SIGTERM new requests are refused and those in flight get this long to
+    # finish before tritonserver stops (0: stop at once). Orchestrators must wait longer (docker/).
+    drain_timeout_s: float = 30.0
     backend: str = "python"  # python | libtorch (encoder and projectors on Triton's PyTorch backend)
     libtorch_dir: str = ""  # backend=libtorch: the `granite-speech-triton export --out` folder
 
@@ -76,6 +79,8 @@ class DeploySettings:
                 raise ValueError(f"{name} must be 0 (no bound, or derived) or positive")
         if self.max_audio_seconds <= 0:
             raise ValueError("max_audio_seconds must be positive")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be 0 (no drain) or positive")
         if self.backend == "libtorch" and not self.libtorch_dir:
             raise ValueError("backend=libtorch needs libtorch_dir, the folder `granite-speech-triton export` wrote")
 
@@ -123,6 +128,9 @@ MODELS: dict[str, dict[str, tuple[str, str, dict[str, str]]]] = {
 }
 ENSEMBLES = {"ar": "granite_speech", "nar": "granite_speech_nar"}  # what clients call, per variant
 STREAMING = {"ar": "granite_speech_stream"}  # the decoupled entry that streams partial text
+# Gauge the streaming entry exports: requests it is serving. Triton 2.51 cannot unload it while a
+# client holds a gRPC stream open or has cancelled one, so the launcher's drain reads this instead.
+STREAMS_IN_FLIGHT = "granite_speech_streams_in_flight"
 # every ensemble template a variant renders (ar_encode is the first half of granite_speech,
 # also called by granite_speech_stream)
 ENSEMBLE_FOLDERS = {"ar": ("ar_encode", "granite_speech"), "nar": ("granite_speech_nar",)}

@@ -8,6 +8,11 @@ Everything that starts a server (serve, demo, bench, the tests) goes through thi
 they share its checks and messages: the ports are checked before anything loads (a busy port is
 one line naming it), and the start is reported model by model from the server's log (READY with
 its seconds, or the first line of its error), while the log file keeps every line.
+
+Each server's Python backend shared-memory regions in /dev/shm carry a prefix of their own
+(`gst-<pid of the starting process>-<token>-`), so that `stop` removes them once the server has
+exited, however it ended (a crashed server leaves them behind), and `remove_stale_shm` removes the
+ones a killed launcher left.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +45,12 @@ PORTS_HINT = (
 )
 
 Report = Callable[[str], None]  # receives one line for a person at a terminal
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX_START = "gst-"  # our regions: gst-<pid>-<token>-<uuid the Python backend adds>
+SHM_PREFIX_OPTION = "--backend-config=python,shm-region-prefix-name="
+# Header that unlocks the model-repository API (load, unload, index) when `admin_key` is set; over
+# gRPC, Triton expects it as "triton-grpc-protocol-" + this name.
+ADMIN_HEADER = "gst-admin-key"
 
 
 def say(line: str) -> None:
@@ -78,6 +92,11 @@ def prepare_backend_dir(build_dir: Path) -> Path:
         shutil.copy2(stub, staged)
         os.replace(staged, target)  # atomic: a running server may be executing the old copy
     return python_dir.parent
+
+
+def new_shm_prefix() -> str:
+    """A prefix no other server uses: this process's pid and a random token."""
+    return f"{SHM_PREFIX_START}{os.getpid()}-{secrets.token_hex(4)}-"
 
 
 def free_port() -> int:
@@ -139,6 +158,9 @@ class ServerOptions:
     backend_config: list[str] = field(default_factory=list)  # e.g. python,shm-default-byte-size=67108864
     extra_args: list[str] = field(default_factory=list)  # other tritonserver options (--cuda-memory-pool-byte-size)
     gpu: bool | None = None  # None: detect; False adds CPU_HOST_OPTIONS
+    admin_key: str = ""  # set: load/unload/index over HTTP and gRPC need it in ADMIN_HEADER
+    shm_prefix: str = field(default_factory=new_shm_prefix)  # this server's /dev/shm regions
+    exit_timeout_s: int = 30  # how long a stopping tritonserver waits for requests in flight
 
     def ports(self) -> dict[str, int]:
         return {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
@@ -158,10 +180,15 @@ class ServerOptions:
             f"--model-control-mode={self.model_control_mode}",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
         ]
         if not (gpu_present() if self.gpu is None else self.gpu):
             cmd += CPU_HOST_OPTIONS
+        if self.admin_key:
+            restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        cmd += [f"{SHM_PREFIX_OPTION}{self.shm_prefix}"]
         cmd += [f"--backend-config={value}" for value in self.backend_config]
         cmd += [f"--load-model={name}" for name in self.load_models]
         cmd += self.extra_args
@@ -190,11 +217,12 @@ class ServerOptions:
         return env
 
 
-def start(options: ServerOptions, log_path: Path) -> subprocess.Popen:
-    """Start tritonserver in the background, logging to `log_path`; raises PortError first if a port is taken."""
+def start(options: ServerOptions, log_path: Path, append: bool = False) -> subprocess.Popen:
+    """Start tritonserver in the background, logging to `log_path` (after what it holds, with
+    `append`); raises PortError first if a port is taken."""
     check_ports(options.address, options.ports())
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
+    with log_path.open("ab" if append else "wb") as log:
         return subprocess.Popen(
             options.command(), stdout=log, stderr=subprocess.STDOUT, env=options.environment(), start_new_session=True
         )
@@ -220,16 +248,19 @@ class StartupProgress:
     failed: dict[str, str] = field(default_factory=dict)  # model -> first line of its error
     last_error: str = ""  # the log's latest error line (the cause when no model failed)
     listening: bool = False  # this server listens on its ports (not another one started beside it)
-    _offset: int = 0
+    offset: int = 0  # where this server's lines start in the log (a restart appends to it)
+    echo: Report | None = None  # receives every line of the log too (a container's stdout)
 
     def poll(self) -> None:
         """Read the complete lines the log gained since the last call."""
         with self.log_path.open("rb") as log:
-            log.seek(self._offset)
+            log.seek(self.offset)
             chunk = log.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offset += len(complete)
+        self.offset += len(complete)
         for line in complete.decode(errors="replace").splitlines():
+            if self.echo is not None:
+                self.echo(line)
             self.line(line)
 
     def line(self, line: str) -> None:
@@ -271,12 +302,15 @@ def wait_ready(
     log_path: Path,
     timeout: float = READY_TIMEOUT_S,
     report: Report | None = None,
-) -> None:
-    """Block until /v2/health/ready answers 200, reporting each model's load to `report` (if given).
+    progress: StartupProgress | None = None,
+    interrupted: threading.Event | None = None,
+) -> bool:
+    """Block until /v2/health/ready answers 200 (True) or `interrupted` is set (False), reporting
+    each model's load to `report` (if given) or through `progress`.
 
     Raises ServerStartError (naming the models that failed and the log) if the server exits first.
     """
-    progress = StartupProgress(log_path, report or (lambda _line: None))
+    progress = progress or StartupProgress(log_path, report or (lambda _line: None))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         exit_code = process.poll()
@@ -285,8 +319,11 @@ def wait_ready(
             raise progress.failure(exit_code)
         if progress.listening and is_ready(http_port):
             progress.done()
-            return
-        time.sleep(POLL_S)
+            return True
+        if interrupted is not None and interrupted.wait(POLL_S):
+            return False
+        if interrupted is None:
+            time.sleep(POLL_S)
     raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s; see {log_path}")
 
 
@@ -303,13 +340,62 @@ def running(options: ServerOptions, log_path: Path, report: Report = say) -> Ite
         stop(process)
 
 
-def stop(process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Stop the server gracefully, then forcefully."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+def stop(process: subprocess.Popen, timeout: float = 60.0, graceful: bool = True) -> int:
+    """Stop the server (SIGTERM, then SIGKILL to it and its stubs after `timeout`; at once unless
+    `graceful`), then remove its shared-memory regions; returns how many were left to remove."""
+    if graceful and process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    if process.poll() is None:
+        kill_group(process.pid)
         process.wait()
+    kill_group(process.pid)  # stubs a server that died left behind (they hold memory, GPU memory too)
+    return remove_shm(shm_prefix_of(process.args))
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group of a server started by `start` (the server and its stubs)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def shm_prefix_of(command: list[str]) -> str:
+    """The shared-memory prefix a tritonserver command line names ("" if none)."""
+    return next((arg.removeprefix(SHM_PREFIX_OPTION) for arg in command if arg.startswith(SHM_PREFIX_OPTION)), "")
+
+
+def remove_shm(prefix: str) -> int:
+    """Remove the /dev/shm regions named `prefix`*: those of a server that has exited."""
+    if not prefix.startswith(SHM_PREFIX_START):
+        return 0  # never anything but our own regions
+    removed = 0
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def remove_stale_shm() -> int:
+    """Remove the regions of servers whose starting process is gone (a killed launcher's).
+
+    Call it before this process starts a server: in a fresh container a restarted launcher often
+    has its predecessor's pid, so regions carrying this process's pid are stale too.
+    """
+    stale = set()
+    for path in SHM_DIR.glob(f"{SHM_PREFIX_START}*"):
+        pid = path.name.removeprefix(SHM_PREFIX_START).split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            stale.add(path.name[: len(SHM_PREFIX_START) + len(pid) + 10])  # gst-<pid>-<8 hex>-
+    return sum(remove_shm(prefix) for prefix in stale)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -3,8 +3,9 @@
 Per request, a worker thread calls ar_encode (audio -> audio embeddings, options validated), then
 streams the decoding engine's partial responses back to the client. A client that cancels is
 seen here (Triton 2.51 does not pass cancellation through ensembles) and its engine request is
-cancelled by key. Parameters: encode_model, draft_outputs (what ar_encode adds for draft modes),
-engine_model.
+cancelled by key. The STREAMS_IN_FLIGHT gauge counts the requests being served (the launcher's
+drain waits for it). Parameters: encode_model, draft_outputs (what ar_encode adds for draft
+modes), engine_model.
 """
 
 import json
@@ -15,6 +16,8 @@ import uuid
 import triton_python_backend_utils as pb_utils
 
 from granite_speech_triton.serving import bls
+from granite_speech_triton.serving.repository import STREAMS_IN_FLIGHT
+from granite_speech_triton.serving.triton_io import Counter
 
 INPUTS = ("AUDIO", "SAMPLE_RATE", "TASK", "LANGUAGE", "TARGET_LANGUAGE", "KEYWORDS", "PUNCTUATE", "MAX_NEW_TOKENS")
 INPUTS += ("TIMEOUT_MS", "DECODE_MODE", "NUM_BEAMS", "CONFIDENCE", "ENTROPY_GATE")
@@ -33,11 +36,13 @@ class TritonPythonModel:
         self.dependencies = bls.Dependencies(self.encode_model, self.engine)
         self.open: dict[str, object] = {}  # engine key -> the client's request, while it streams
         self.lock = threading.Lock()
+        self.in_flight = Counter(STREAMS_IN_FLIGHT, "Streaming requests being served", args["model_name"], gauge=True)
         threading.Thread(target=self.watch_cancellations, daemon=True).start()
 
     def execute(self, requests: list) -> None:
         for request in requests:
             inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in INPUTS) if t is not None]
+            self.in_flight.add(1)  # counted before execute returns: a drain never misses it
             threading.Thread(target=self.run, args=(request, inputs), daemon=True).start()
         return None
 
@@ -58,6 +63,7 @@ class TritonPythonModel:
         finally:
             with self.lock:
                 self.open.pop(key, None)
+            self.in_flight.add(-1)
 
     @staticmethod
     def relay(sender, responses) -> None:
