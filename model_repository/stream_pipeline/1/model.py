@@ -49,31 +49,33 @@ class TritonPythonModel:
     def run(self, request, inputs: list) -> None:
         sender = request.get_response_sender()
         key = uuid.uuid4().hex
+        outputs, error = None, None
         try:
-            self.dependencies.ensure_loaded()
-            encoded = bls.call(self.encode_model, inputs, self.encoded)
-            engine_inputs = [*encoded.values(), bls.control({"stream": True, "key": key})]
-            with self.lock:
-                self.open[key] = request
-            self.relay(sender, bls.stream(self.engine, engine_inputs, [*OUTPUTS, "FINAL"]))
+            outputs = self.serve(request, inputs, key, sender)
         except bls.StepFailed as exc:
-            bls.send_final(sender, error=exc.error)
+            error = exc.error
         except Exception as exc:  # never leave a request unanswered
-            bls.send_final(sender, error=bls.internal_error(exc))
+            error = bls.internal_error(exc)
         finally:
+            # Out of the watcher's sight before the final response: that response frees the
+            # request's response factory in Triton, and `is_cancelled` on it then crashes the server.
             with self.lock:
                 self.open.pop(key, None)
-            self.in_flight.add(-1)
+        bls.send_final(sender, outputs, error=error)
+        self.in_flight.add(-1)
 
-    @staticmethod
-    def relay(sender, responses) -> None:
-        """Pass each engine response on as it comes; the one marked FINAL closes the stream."""
-        for tensors in responses:
+    def serve(self, request, inputs: list, key: str, sender) -> list:
+        """Encode, then relay the engine's partial responses; returns the final response's tensors."""
+        self.dependencies.ensure_loaded()
+        encoded = bls.call(self.encode_model, inputs, self.encoded)
+        engine_inputs = [*encoded.values(), bls.control({"stream": True, "key": key})]
+        with self.lock:
+            self.open[key] = request
+        for tensors in bls.stream(self.engine, engine_inputs, [*OUTPUTS, "FINAL"]):
             by_name = {t.name(): t for t in tensors}
             outputs = [by_name[name] for name in OUTPUTS]
             if by_name["FINAL"].as_numpy().reshape(-1)[0]:
-                bls.send_final(sender, outputs)
-                return
+                return outputs
             bls.send_partial(sender, outputs)
         raise RuntimeError("the engine closed a stream without a final response")
 
