@@ -18,6 +18,7 @@ from .config import ARModelConfig, read_config_json
 from .draft import OUT_LLM_FILE, Draft
 from .engine import DecodeEngine, EngineConfig, Mode, Sequence, engine_for
 from .errors import RequestError
+from .linear import use_rows_linears
 from .projector import num_audio_tokens
 from .prompts import DRAFT_MODES, SpeechRequest, build_prompt_ids
 from .weights import load_module
@@ -135,7 +136,7 @@ def load_ar_decoder(
     A request may hold at most the model's context, whatever `engine.max_tokens_per_row` says.
     """
     config = ARModelConfig.from_dict(read_config_json(checkpoint))
-    llm = load_llm(checkpoint, config.text, device, dtype)
+    llm = use_rows_linears(load_llm(checkpoint, config.text, device, dtype))  # decode steps multiply few rows
     bounded = replace(engine, max_tokens_per_row=min(engine.max_tokens_per_row, llm.config.max_position_embeddings))
     decoding = engine_for(llm, config.audio_token_index, eos_token_ids(checkpoint, config.text), bounded)
     return ARDecoder(decoding, load_tokenizer(checkpoint), (Path(checkpoint) / OUT_LLM_FILE).is_file())

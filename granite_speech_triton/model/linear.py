@@ -1,0 +1,43 @@
+"""Linear layers for the decoding engine's few-row products on the CPU.
+
+A decode step multiplies a handful of rows (one per live request) by every weight matrix of the
+LLM. `nn.Linear` computes that as x @ W^T, and the CPU BLAS that PyTorch ships (oneMKL) is slow
+at that shape: on the 2-core AMD EPYC of docs/benchmarks.md, 16 rows through a 2048 -> 8192
+projection took about 3x as long as W @ x^T, the same product with the weight as the left
+operand, and a decode step of 2 rows took twice as long as one of 1 row. `RowsLinear` takes the
+W @ x^T form for 2 to `MAX_ROWS` rows and leaves one row (a matrix-vector product, already
+fast) and long inputs (prefills: the x @ W^T form is as fast or faster there) to `nn.Linear`.
+
+Both forms compute the same dot products; the summation order inside a dot product may differ,
+which changes float32 results in the last bits, as any change of batch size already does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MAX_ROWS = 64  # above this many rows, x @ W^T is as fast (measured up to 2048 rows)
+
+
+class RowsLinear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) that multiplies 2..MAX_ROWS rows as W @ x^T."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not 2 <= rows <= MAX_ROWS:
+            return super().forward(x)
+        out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).T).T.contiguous()  # [rows, out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_rows_linears(module: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of `module` a RowsLinear when it lives on the CPU; returns `module`.
+
+    On a GPU the BLAS handles few rows well, and nothing changes."""
+    for layer in module.modules():
+        if type(layer) is nn.Linear and layer.weight.device.type == "cpu":
+            layer.__class__ = RowsLinear
+    return module
