@@ -22,7 +22,7 @@ BENCH_VARIANTS ?= ar,nar
 BENCH_ARGS ?=
 BENCH_ENGINE_ARGS ?= --modes greedy,beam,cascade,speculative --planted
 
-.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny real-checkpoint bench-engine loadtest soak gpu-check clean
+.PHONY: setup setup-dev system-deps demo demo-tiny serve export-libtorch test lint bench bench-tiny real-checkpoint bench-engine bench-step loadtest soak gpu-check clean
 
 setup:  ## virtual environment with the pinned runtime dependencies and this project
 	scripts/install.sh $(VENV)
@@ -69,6 +69,9 @@ real-checkpoint: setup  ## random-weight AR checkpoint with the 2b's real dimens
 
 bench-engine: setup-dev  ## AR engine: in-process vs scheduler=static vs inflight, decoding modes -> build/bench-engine/engine_results.json
 	$(PY) -m granite_speech_triton.bench_engine --ar-checkpoint $(CHECKPOINT) $(BENCH_ENGINE_ARGS)
+
+bench-step: setup-dev  ## AR engine: a decode step's cost by rows, nn.Linear vs RowsLinear -> build/bench-step.json
+	$(PY) -m granite_speech_triton.bench_step --ar-checkpoint $(CHECKPOINT) --out build/bench-step.json
 
 loadtest: setup-dev  ## bounded headless Locust run against a server started with `make serve`; prints RTFx
 	$(PY) -m loadtest.run --server 127.0.0.1:$(HTTP_PORT) --users 4 --spawn-rate 4 --run-time 20s \

@@ -1,9 +1,12 @@
 """RowsLinear: the decoding engine's linear layer for few rows on the CPU."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from granite_speech_triton import bench_step
 from granite_speech_triton.model.linear import MAX_ROWS, RowsLinear, use_rows_linears
 
 
@@ -49,3 +52,14 @@ def test_use_rows_linears_converts_plain_cpu_linears_only_and_keeps_the_weights(
     assert model.state_dict().keys() == keys.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys.items())
     assert type(use_rows_linears(elsewhere)) is nn.Linear
+
+
+def test_bench_step_times_both_forms_and_their_logits_agree(tiny_ar_checkpoint, tmp_path):
+    out = tmp_path / "step.json"
+    argv = ["--ar-checkpoint", str(tiny_ar_checkpoint), "--rows", "1,3", "--prompt", "12", "--repeats", "1"]
+    assert bench_step.main([*argv, "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["rows"] for s in steps] == [1, 3]
+    assert all(s[form] > 0 for s in steps for form in bench_step.FORMS)
+    assert steps[0]["max_logit_difference"] == 0.0  # one row: both forms are nn.Linear
+    assert 0.0 <= steps[1]["max_logit_difference"] < 1e-4
