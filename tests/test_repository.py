@@ -81,20 +81,6 @@ def test_variable_length_inputs_allow_ragged_batches(tmp_path: Path):
                 assert "allow_ragged_batch: true" in line, f"{config.parent.name}: {line.strip()}"
 
 
-def test_encoders_prefer_the_encoder_batch_size_and_nothing_else_changes(tmp_path: Path):
-    encoders = ("ar_conformer_encoder", "nar_conformer_encoder")
-    default, _ = render(tmp_path / "default", DeploySettings(), ("ar", "nar"))
-    small, _ = render(tmp_path / "small", DeploySettings(encoder_batch_size=2), ("ar", "nar"))
-    for name in {*MODELS["ar"], *MODELS["nar"]}:
-        config = parse(small / name / "config.pbtxt")
-        preferred = list(config.dynamic_batching.preferred_batch_size)
-        assert preferred == ([2] if name in encoders else []), name
-        assert config.max_batch_size == (0 if name == STREAMING["ar"] else 16)  # ensembles keep their limits
-        assert not parse(default / name / "config.pbtxt").dynamic_batching.preferred_batch_size
-    with pytest.raises(ValueError, match="encoder_batch_size"):
-        DeploySettings(max_batch_size=4, encoder_batch_size=8)
-
-
 def test_unknown_and_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="unknown setting"):
         DeploySettings.from_strings({"max_batchsize": "8"})

@@ -30,7 +30,6 @@ import tritonclient.grpc as grpcclient
 from audio_samples import synthetic
 from conftest import TEST_SETTINGS
 from granite_speech_client import SAMPLE_RATE, GraniteSpeechClient, GraniteSpeechError, ModelNotReadyError
-from triton_helpers import batch_counts
 from tritonclient.utils import InferenceServerException
 
 from granite_speech_triton.serving import server, supervisor
@@ -38,7 +37,7 @@ from granite_speech_triton.serving.repository import MODELS
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {**TEST_SETTINGS, "max_new_tokens_limit": 512, "drain_timeout_s": 600, "encoder_batch_size": 1}
+SETTINGS = {**TEST_SETTINGS, "max_new_tokens_limit": 512, "drain_timeout_s": 600}
 NEW_TOKENS = 32  # the load's requests
 LONG_TOKENS = 400  # the requests in flight at SIGTERM: long decodes
 KINDS = ("ar", "nar", "stream")
@@ -232,30 +231,6 @@ class Load:
         ):
             assert time.monotonic() < deadline, "the server stopped answering"
             time.sleep(0.2)
-
-
-def test_encoders_take_requests_sent_together_one_at_a_time_with_encoder_batch_size_1(launcher: Launcher, audios, solo):
-    """The launcher serves with encoder_batch_size=1: a burst reaches each Conformer encoder as
-    batches of one (Triton's preferred batch size), and every answer stays exact."""
-    encoders = {"ar": "ar_conformer_encoder", "nar": "nar_conformer_encoder"}
-    before = {kind: batch_counts(launcher.http_url, model) for kind, model in encoders.items()}
-    burst = [(kind, index) for kind in encoders for index in range(3) for _ in range(2)]
-    with GraniteSpeechClient(launcher.grpc_url, retries=0, timeout_s=600) as client:
-        answers = {}
-
-        def send(key: tuple[str, int], n: int) -> None:
-            answers[(key, n)] = request(client, key[0], audios[key[1]], NEW_TOKENS)
-
-        threads = [threading.Thread(target=send, args=(key, n)) for n, key in enumerate(burst)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert all(tokens == solo[(*key, NEW_TOKENS)] for (key, _), tokens in answers.items()) and len(answers) == 12
-    for kind, model in encoders.items():
-        after = batch_counts(launcher.http_url, model)
-        assert set(after) == {1}, f"{model} ran batches of {sorted(after)}"
-        assert after[1] - before[kind].get(1, 0) >= 6
 
 
 def lingering(pids) -> list[int]:

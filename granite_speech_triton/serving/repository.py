@@ -55,10 +55,6 @@ class DeploySettings:
     queue_timeout_us: int = 30_000_000  # 30 s in one component's queue
     max_audio_seconds: float = 120.0  # longer audio is rejected (the client splits it)
     max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
-    # Conformer encoders: the dynamic batch they prefer (0: as large as max_batch_size). An encoder
-    # answers a batch when all of it is encoded; on a CPU batching does not make it faster, so a
-    # small value (1-2) lets the decoder start on a burst's first requests while the rest encode.
-    encoder_batch_size: int = 0
     pack_token_budget: int = 4096  # NAR head: tokens per packed sequence (dense mask cost grows as its square)
     cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
     scheduler: str = "inflight"  # AR engine: inflight (requests join every step) | static (batch runs to its end)
@@ -75,11 +71,6 @@ class DeploySettings:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        self._check_numbers()
-        if self.backend == "libtorch" and not self.libtorch_dir:
-            raise ValueError("backend=libtorch needs libtorch_dir, the folder `granite-speech-triton export` wrote")
-
-    def _check_numbers(self) -> None:
         for name in POSITIVE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -88,10 +79,10 @@ class DeploySettings:
                 raise ValueError(f"{name} must be 0 (no bound, or derived) or positive")
         if self.max_audio_seconds <= 0:
             raise ValueError("max_audio_seconds must be positive")
-        if not 0 <= self.encoder_batch_size <= self.max_batch_size:
-            raise ValueError("encoder_batch_size must be 0 (as large as max_batch_size) or at most max_batch_size")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be 0 (no drain) or positive")
+        if self.backend == "libtorch" and not self.libtorch_dir:
+            raise ValueError("backend=libtorch needs libtorch_dir, the folder `granite-speech-triton export` wrote")
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> DeploySettings:
@@ -111,8 +102,6 @@ class DeploySettings:
         on_gpu = self.device == "cuda"
         values["float_type"] = TRITON_FLOAT_TYPES[self.dtype] if on_gpu and self.backend == "python" else "TYPE_FP32"
         values["cpu_only_inputs"] = "no" if on_gpu else "yes"
-        size = self.encoder_batch_size
-        values["encoder_preferred_batch"] = f"preferred_batch_size: [ {size} ]" if size else ""
         # the exported (libtorch) AR encoder makes no CTC draft
         values["ar_draft_outputs"] = "" if self.backend == "libtorch" else "DRAFT_IDS,DRAFT_ENTROPY"
         return values
