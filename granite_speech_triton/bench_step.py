@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"({row[plain] / row[rows_form]:.2f}x); max |logit difference| {row['max_logit_difference']:.1e}",
             flush=True,
         )
-    set_linear_form(runner.llm, RowsLinear if args.device == "cpu" else nn.Linear)
     result = {"checkpoint": str(args.ar_checkpoint), "prompt": args.prompt, "repeats": args.repeats}
     result |= {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}
     result |= {"steps": table, "environment": environment()}
