@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -26,6 +28,7 @@ AR_MODELS = (
     "ar_qformer_projector",
 )  # batched steps; the engine answers per request
 NEW_TOKENS = 24
+PHASES = ("prefill", "decode")
 
 # (ensemble options, the card instruction the reference uses)
 TASKS = [
@@ -146,7 +149,10 @@ def test_custom_metrics_count_audio_tokens_and_rejections(ar_server):
     rejected = metric(url, "granite_speech_rejected_requests_total", model="ar_feature_extractor")
     steps = metric(url, "granite_speech_engine_step_rows_count", **engine)
     first_tokens = metric(url, "granite_speech_engine_first_token_seconds_count", **engine)
+    busy = {phase: metric(url, "granite_speech_engine_busy_seconds_total", phase=phase, **engine) for phase in PHASES}
+    started = time.perf_counter()
     _, ids = infer(ar_server.grpc_url, MODEL, GOOD, MAX_NEW_TOKENS=("INT32", 5))
+    wall = time.perf_counter() - started
     with pytest.raises(grpcclient.InferenceServerException):
         infer(ar_server.grpc_url, MODEL, GOOD, LANGUAGE=("BYTES", "xx"))
     after = metric(url, "granite_speech_audio_seconds_total", model="ar_feature_extractor")
@@ -156,6 +162,9 @@ def test_custom_metrics_count_audio_tokens_and_rejections(ar_server):
     # 5 tokens: the first from the prefill, then 4 decode steps (or fewer when it ends by end of text)
     assert 1 <= metric(url, "granite_speech_engine_step_rows_count", **engine) - steps <= 5
     assert metric(url, "granite_speech_engine_first_token_seconds_count", **engine) - first_tokens == 1
+    spent = {p: metric(url, "granite_speech_engine_busy_seconds_total", phase=p, **engine) - busy[p] for p in PHASES}
+    assert spent["prefill"] > 0 and spent["decode"] >= 0  # no decode step when the first token ends it
+    assert spent["prefill"] + spent["decode"] < wall
     assert metric(url, "granite_speech_kv_cache_bytes", **engine) > 0
     assert metric(url, "granite_speech_engine_tokens_per_second", **engine) >= 0
     assert metric(url, "granite_speech_batch_requests", model="ar_conformer_encoder") >= 1

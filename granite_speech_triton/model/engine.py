@@ -310,13 +310,14 @@ class DecodeEngine:
         admitted = self.scheduler.admit()
         if admitted:
             self._prefill(admitted)
+        prefilled = self.clock()
         rows = len(self.scheduler.running)
         if rows:
             self._decode()
         self._notify_streams(self.scheduler.running_sequences())
         if admitted or rows:
             now = self.clock()
-            report = StepReport(rows, admitted, now - started, now, len(self.scheduler.waiting))
+            report = StepReport(rows, admitted, prefilled - started, now - prefilled, now, len(self.scheduler.waiting))
             for observer in self.observers:
                 observer(report)
 
@@ -530,7 +531,8 @@ class StepReport:
 
     rows: int  # rows decoded together in this step's decode forward
     admitted: list[Sequence]  # requests prefilled in this step
-    seconds: float
+    prefill_seconds: float  # admitting and prefilling the new requests
+    decode_seconds: float  # the decode forward of the running rows, and their delivery
     finished_at: float
     waiting: int  # requests still waiting for rows
 

@@ -68,6 +68,12 @@ class EngineMetrics:
         self.waiting = Counter("granite_speech_engine_waiting", "Requests waiting for a free row", model, gauge=True)
         self.kv_bytes = Counter("granite_speech_kv_cache_bytes", "Bytes the KV cache pool holds", model, gauge=True)
         self.tokens = Counter("granite_speech_generated_tokens_total", "Tokens generated", model)
+        self.busy = {
+            phase: Counter(
+                "granite_speech_engine_busy_seconds_total", "Seconds the engine computed, by phase", model, phase=phase
+            )
+            for phase in ("prefill", "decode")
+        }
         self.ended = {
             reason: Counter("granite_speech_engine_requests_total", "Requests ended, by reason", model, reason=reason)
             for reason in (f.value for f in Finish)
@@ -96,6 +102,8 @@ class EngineMetrics:
         self.rows.set(report.rows)
         self.waiting.set(report.waiting)
         self.kv_bytes.set(kv_bytes)
+        self.busy["prefill"].add(report.prefill_seconds)
+        self.busy["decode"].add(report.decode_seconds)
         for seq in report.admitted:
             self.queue_wait.observe(seq.admitted_at - seq.submitted_at)
             self.first_token.observe(seq.first_token_at - seq.submitted_at)
