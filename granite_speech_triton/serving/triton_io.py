@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,30 +184,41 @@ class Answered:
 
 
 class Counter:
-    """One labelled Prometheus counter or gauge on Triton's metrics endpoint."""
+    """One labelled Prometheus counter or gauge on Triton's metrics endpoint; thread-safe.
+
+    The lock is not optional. In Triton 2.51's Python backend a metric update rewrites shared
+    memory that belongs to the metric object, so two threads updating one metric at once hand the
+    server a freed buffer and tritonserver dies (SIGSEGV). Our models update metrics from worker
+    threads (the streaming pipeline, the engine) as well as from `execute`.
+    """
 
     def __init__(self, name: str, description: str, model: str, gauge: bool = False, **labels: str) -> None:
         kind = pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER
         # The family must outlive its metric, so both are kept.
         self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         self.metric = self.family.Metric(labels={"model": model, **labels})
+        self.lock = threading.Lock()
 
     def add(self, value: float) -> None:
-        self.metric.increment(value)
+        with self.lock:
+            self.metric.increment(value)
 
     def set(self, value: float) -> None:
-        self.metric.set(value)
+        with self.lock:
+            self.metric.set(value)
 
 
 class Histogram:
-    """One labelled Prometheus histogram on Triton's metrics endpoint."""
+    """One labelled Prometheus histogram on Triton's metrics endpoint; thread-safe (see Counter)."""
 
     def __init__(self, name: str, description: str, model: str, buckets: list[float]) -> None:
         self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.HISTOGRAM)
         self.metric = self.family.Metric(labels={"model": model}, buckets=buckets)
+        self.lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        self.metric.observe(value)
+        with self.lock:
+            self.metric.observe(value)
 
 
 @dataclass(frozen=True)
