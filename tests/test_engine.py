@@ -6,6 +6,8 @@ Steps are driven by hand (`engine.step()`), so arrivals between steps are exact,
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,40 @@ def test_a_full_queue_refuses_and_a_long_wait_drops_with_overloaded(tiny_ar_chec
     while not engine.idle:
         engine.step()
     assert seqs[0].tokens == reference_tokens(tiny_ar_checkpoint, seqs[0])
+
+
+class CountingTurn:
+    """A stand-in for the CPU lease: counts the steps it was held for, and who was inside."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.inside = False
+
+    def __enter__(self) -> None:
+        assert not self.inside
+        self.inside = True
+        self.entered += 1
+
+    def __exit__(self, *exc) -> None:
+        self.inside = False
+
+
+def test_the_serving_loop_steps_inside_its_turn_and_not_when_idle(tiny_ar_checkpoint):
+    decoder = decoder_for(tiny_ar_checkpoint, max_rows=2)
+    engine, turn, stop = decoder.engine, CountingTurn(), threading.Event()
+    ended = threading.Event()
+    seq = decoder.sequence(SpeechRequest(max_new_tokens=6), audio_rows(tiny_ar_checkpoint, 60, 1))
+    seq.notify = lambda s: ended.set() if s.finish else None
+    loop = threading.Thread(target=engine.serve, args=(stop, turn))
+    loop.start()
+    try:
+        engine.submit(seq)
+        assert ended.wait(60)
+        steps = turn.entered
+        assert 1 <= steps <= len(seq.tokens)  # the prefill's step and one per further token
+        time.sleep(0.3)  # idle now: no more turns taken
+        assert turn.entered == steps
+    finally:
+        stop.set()
+        engine.wake.set()
+        loop.join(60)

@@ -107,3 +107,22 @@ def test_every_component_bounds_its_queue_and_rejects_on_timeout(tmp_path: Path)
     assert DeploySettings().max_queue_size > DeploySettings().max_batch_size  # a full batch can wait by default
     with pytest.raises(ValueError, match="max_queue_size must be 0"):
         DeploySettings(max_queue_size=-1)
+
+
+LEASED = {"ar_conformer_encoder", "ar_llm_engine", "nar_conformer_encoder", "nar_head"}  # the heavy stages
+
+
+@pytest.mark.parametrize(("device", "cpu_lease", "leased"), [("cpu", "auto", True), ("cuda", "auto", False),
+                                                              ("cpu", "off", False), ("cuda", "on", True)])  # fmt: skip
+def test_the_heavy_stages_share_one_cpu_lease_file_where_it_is_on(tmp_path: Path, device, cpu_lease, leased):
+    models, _ = render(tmp_path, DeploySettings(device=device, cpu_lease=cpu_lease), ("ar", "nar"))
+    files = {}
+    for config in models.glob("*/config.pbtxt"):
+        parameters = parse(config).parameters
+        if "cpu_lease_file" in parameters:
+            files[config.parent.name] = parameters["cpu_lease_file"].string_value
+    assert set(files) == LEASED
+    expected = str((tmp_path / "cpu.lease").resolve()) if leased else ""
+    assert set(files.values()) == {expected}
+    with pytest.raises(ValueError, match="cpu_lease"):
+        DeploySettings(cpu_lease="yes")

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -48,7 +49,7 @@ from .runner import GraniteRunner, PrefillInput
 
 log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.1  # how often a running request's `is_cancelled` is asked (it may cost an IPC round trip)
-IDLE_WAIT_S = 1.0  # the loop re-checks deadlines this often while idle
+IDLE_WAIT_S = 1.0  # an idle loop checks its stop flag this often (arrivals wake it at once)
 
 
 class Policy(str, Enum):
@@ -291,13 +292,18 @@ class DecodeEngine:
             self.step()
         return [s.tokens for s in seqs]
 
-    def serve(self, stop: threading.Event) -> None:
-        """The background loop of a server: step while there is work, sleep otherwise."""
+    def serve(self, stop: threading.Event, turn: AbstractContextManager | None = None) -> None:
+        """The background loop of a server: step while there is work, sleep otherwise. Each step
+        runs inside `turn` when given (the server's CPU lease: serving/cpu_lease.py)."""
+        turn = turn or nullcontext()
         while not stop.is_set():
             if self.idle and self.wake.wait(IDLE_WAIT_S):
                 self.wake.clear()
+            if self.idle:
+                continue
             try:
-                self.step()
+                with turn:
+                    self.step()
             except Exception as exc:  # a failed forward fails its requests, never the loop
                 log.exception("decode step failed")
                 self.fail_all(f"internal error: {type(exc).__name__}: {exc}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,7 +134,10 @@ class Delivery:
 class EngineFrontend:
     """Feeds Triton requests into the engine and sends its answers back, from the engine's thread."""
 
-    def __init__(self, decoder: ARDecoder, model_name: str, max_new_tokens_limit: int) -> None:
+    def __init__(
+        self, decoder: ARDecoder, model_name: str, max_new_tokens_limit: int, lease: AbstractContextManager
+    ) -> None:
+        """`lease`: held for each engine step (the server's CPU lease, or nothing)."""
         self.decoder = decoder
         self.engine = decoder.engine
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -145,7 +149,7 @@ class EngineFrontend:
             f"= {pool.max_bytes() / 2**30:.2f} GiB ({config.policy.value} scheduler)"
         )
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.engine.serve, args=(self._stop,), daemon=True, name="engine")
+        self._thread = threading.Thread(target=self.engine.serve, args=(self._stop, lease), daemon=True, name="engine")
 
     def start(self) -> None:
         self._thread.start()

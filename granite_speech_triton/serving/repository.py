@@ -22,7 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 TRITON_FLOAT_TYPES = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
 BACKENDS = ("python", "libtorch")
 SCHEDULERS = ("inflight", "static")
-CHOICES = {"device": DEVICES, "dtype": DTYPES, "scheduler": SCHEDULERS, "backend": BACKENDS}
+CPU_LEASE = ("auto", "on", "off")
+CHOICES = {"device": DEVICES, "dtype": DTYPES, "scheduler": SCHEDULERS, "backend": BACKENDS, "cpu_lease": CPU_LEASE}
+CPU_LEASE_FILE = "cpu.lease"  # beside the rendered repositories; see serving/cpu_lease.py
 POSITIVE = (
     "max_batch_size",
     "instance_count",
@@ -57,6 +59,8 @@ class DeploySettings:
     max_new_tokens_limit: int = 1024  # upper bound a request's MAX_NEW_TOKENS may ask for
     pack_token_budget: int = 4096  # NAR head: tokens per packed sequence (dense mask cost grows as its square)
     cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
+    # The encoders, NAR head and AR engine compute in turns, not at once (serving/cpu_lease.py).
+    cpu_lease: str = "auto"  # auto (on when device=cpu) | on | off
     scheduler: str = "inflight"  # AR engine: inflight (requests join every step) | static (batch runs to its end)
     max_decode_rows: int = 16  # AR engine: requests decoded together (rows of the KV cache)
     kv_tokens_per_row: int = 0  # AR engine: KV positions per row (0 = max_audio_seconds + max_new_tokens_limit fit)
@@ -201,6 +205,8 @@ def render(out: Path, settings: DeploySettings, variants: tuple[str, ...] = VARI
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     base = settings.template_values()
+    lease = settings.cpu_lease == "on" or (settings.cpu_lease == "auto" and settings.device == "cpu")
+    base["cpu_lease_file"] = str((out / CPU_LEASE_FILE).resolve()) if lease else ""
     for variant in variants:
         for name, (component, template, extra) in MODELS[variant].items():
             values = {**base, **extra, "model_name": name, "variant": variant, **variant_checkpoint(settings, variant)}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from granite_speech_triton.model.prompts import (
     parse_keywords,
 )
 from granite_speech_triton.model.weights import parse_dtype, resolve_checkpoint
+from granite_speech_triton.serving.cpu_lease import cpu_lease
 from granite_speech_triton.serving.placement import place
 
 log = logging.getLogger("granite_speech_triton")
@@ -229,6 +231,7 @@ class StageSettings:
     device: torch.device
     dtype: torch.dtype
     float_outputs: dict[str, torch.dtype]  # float outputs -> the type the config declares (the wire type)
+    lease: AbstractContextManager  # held while computing: the CPU lease, or nothing (cpu_lease.py)
 
     def checkpoint(self) -> Path:
         return resolve_checkpoint(self.params["checkpoint"], self.params.get("revision") or None)
@@ -241,7 +244,7 @@ def stage_settings(args: dict[str, str]) -> StageSettings:
     outputs = json.loads(args["model_config"]).get("output", [])
     float_outputs = {o["name"]: FLOAT_TYPES[o["data_type"]] for o in outputs if o["data_type"] in FLOAT_TYPES}
     device, dtype = torch_device(args, params["device"]), parse_dtype(params.get("dtype", "float32"))
-    return StageSettings(params, device, dtype, float_outputs)
+    return StageSettings(params, device, dtype, float_outputs, cpu_lease(params.get("cpu_lease_file", "")))
 
 
 class BatchAdapter:
@@ -287,7 +290,8 @@ class BatchAdapter:
     def run(self, inputs: list[Any]) -> list[Any]:
         """`predict` on the inputs moved to the model's device and dtype: the one place where a
         request's tensors are placed (warmups go through here too)."""
-        return self.predict([place(item, self.stage.device, self.stage.dtype) for item in inputs])
+        with self.stage.lease:
+            return self.predict([place(item, self.stage.device, self.stage.dtype) for item in inputs])
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)

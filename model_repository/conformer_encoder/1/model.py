@@ -4,7 +4,7 @@ variant ar:  FEATURES -> HIDDEN (final layer), DRAFT_IDS and DRAFT_ENTROPY (BPE 
              empty when the checkpoint has no out_llm.safetensors), POOLED (the draft's pooled rows,
              which the aligner reads; empty without out_llm).
 variant nar: FEATURES -> PROJECTOR_INPUT (layers [4, 8, 12, -1]), DRAFT_IDS (BPE CTC draft), POOLED.
-Parameters: variant, checkpoint, revision, device, dtype, cpu_threads.
+Parameters: variant, checkpoint, revision, device, dtype, cpu_threads, cpu_lease_file.
 """
 
 from collections.abc import Callable

@@ -1,6 +1,6 @@
 """Triton adapter: audio rows + draft ids -> edited transcript, packed (contract in config.pbtxt).
 
-Parameters: checkpoint, revision, device, dtype, pack_token_budget, cpu_threads.
+Parameters: checkpoint, revision, device, dtype, pack_token_budget, cpu_threads, cpu_lease_file.
 """
 
 import numpy as np
