@@ -7,13 +7,17 @@ import queue
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from audio_samples import mixed_lengths
+from conftest import TEST_SETTINGS, RunningServer, start_server
 from reference import CARD_INSTRUCTIONS, reference_generate
 from triton_helpers import infer, make_inputs, metric
+
+from granite_speech_triton.serving.repository import DeploySettings
 
 pytestmark = pytest.mark.server
 STREAM = "granite_speech_stream"
@@ -32,13 +36,14 @@ class Stream:
     def __init__(self, url: str) -> None:
         self.client = grpcclient.InferenceServerClient(url)
         self.responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error, time.monotonic())))
+        self.last_at = 0.0  # when the latest response read by `next` arrived
 
     def send(self, audio: np.ndarray, **options) -> None:
         self.client.async_stream_infer(STREAM, make_inputs(audio, **options), enable_empty_final_response=True)
 
     def next(self) -> tuple[bool, str, list[int]]:
-        result, error = self.responses.get(timeout=WAIT_S)
+        result, error, self.last_at = self.responses.get(timeout=WAIT_S)
         if error is not None:
             raise error
         final = result.get_response().parameters["triton_final_response"].bool_param
@@ -90,9 +95,19 @@ def test_http_clients_stream_through_generate_stream(ar_server, audios):
     assert all(events[i + 1]["TEXT"].startswith(events[i]["TEXT"]) for i in range(len(events) - 1))
 
 
-def test_requests_arriving_while_others_decode_equal_transformers(ar_server, tiny_ar_checkpoint, audios):
+@pytest.fixture(scope="module")
+def static_server(tmp_path_factory: pytest.TempPathFactory, tiny_ar_checkpoint) -> Iterator[RunningServer]:
+    """The AR pipeline with the engine's `scheduler=static` (a batch admitted only when the last ended)."""
+    settings = DeploySettings(ar_checkpoint=str(tiny_ar_checkpoint), scheduler="static", **TEST_SETTINGS)
+    yield from start_server(tmp_path_factory.mktemp("static-repo"), settings, ("ar",))
+
+
+@pytest.mark.parametrize("server", ["ar_server", "static_server"])
+def test_requests_arriving_while_others_decode_equal_transformers(server, request, tiny_ar_checkpoint, audios):
     """A long request streams; more requests (mixed lengths, budgets and tasks) are sent once it has
-    produced tokens, then more once those have: every one gets transformers' tokens for it alone."""
+    produced tokens, then more once those have: every one gets transformers' tokens for it alone,
+    whether they join the running batch (inflight) or wait for it to end (static)."""
+    ar_server = request.getfixturevalue(server)
     long_audio = audios[7]
     stream = Stream(ar_server.grpc_url)
     late = [
@@ -107,10 +122,12 @@ def test_requests_arriving_while_others_decode_equal_transformers(ar_server, tin
         (audios[6], {"PUNCTUATE": ("BOOL", True), "MAX_NEW_TOKENS": ("INT32", 9)}, "asr_punct", 9),
     ]
     results: dict[int, tuple[str, list[int]]] = {}
+    ended_at: dict[int, float] = {}
 
     def send(index: int) -> None:
         audio, options, _, _ = late[index]
         results[index] = infer(ar_server.grpc_url, "granite_speech", audio, **options)
+        ended_at[index] = time.monotonic()
 
     try:
         stream.send(long_audio, MAX_NEW_TOKENS=("INT32", 120))
@@ -126,8 +143,11 @@ def test_requests_arriving_while_others_decode_equal_transformers(ar_server, tin
         for thread in second_wave:
             thread.join(WAIT_S)
         long_ids = stream.until_final()[-1][2]
+        long_ended_at = stream.last_at
     finally:
         stream.close()
+    # The 3-token request joins the long one's batch in flight; under static it waits for its end.
+    assert (ended_at[0] > long_ended_at) == (server == "static_server")
     assert long_ids == reference_generate(tiny_ar_checkpoint, long_audio, CARD_INSTRUCTIONS["asr"], 120)
     for index, (audio, _, instruction, tokens) in enumerate(late):
         assert results[index][1] == reference_generate(
