@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from granite_speech_triton import bench_step
-from granite_speech_triton.model.linear import MAX_ROWS, RowsLinear, use_rows_linears
+from granite_speech_triton.model.linear import MAX_ROWS, RowsLinear, padded_rows, use_rows_linears
 
 
 def pair(bias: bool) -> tuple[nn.Linear, RowsLinear]:
@@ -19,7 +19,7 @@ def pair(bias: bool) -> tuple[nn.Linear, RowsLinear]:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(2, 48), (16, 1, 48), (MAX_ROWS, 48), (4, 3, 48)])
+@pytest.mark.parametrize("shape", [(2, 48), (3, 48), (13, 48), (16, 1, 48), (MAX_ROWS, 48), (4, 3, 48)])
 def test_few_rows_take_the_weight_first_product_and_agree_with_nn_linear(bias, shape):
     plain, rows = pair(bias)
     x = torch.randn(*shape)
@@ -27,8 +27,15 @@ def test_few_rows_take_the_weight_first_product_and_agree_with_nn_linear(bias, s
         want, got = plain(x), rows(x)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    expected = (plain.weight @ x.reshape(-1, 48).T).T.reshape(want.shape) + (plain.bias if bias else 0)
+    flat = x.reshape(-1, 48)
+    n = flat.shape[0]
+    padded = torch.cat([flat, torch.zeros(padded_rows(n) - n, 48)])
+    expected = (plain.weight @ padded.T)[:, :n].T.reshape(want.shape) + (plain.bias if bias else 0)
     assert torch.equal(got, expected)
+
+
+def test_rows_are_padded_to_a_count_the_cpu_blas_multiplies_fast():
+    assert [padded_rows(n) for n in (2, 3, 4, 5, 8, 9, 15, 16, 17, 63, 64)] == [4, 4, 4, 8, 8, 16, 16, 16, 24, 64, 64]
 
 
 @pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (MAX_ROWS + 1, 48), (300, 48), (0, 48)])

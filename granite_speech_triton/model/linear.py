@@ -8,6 +8,11 @@ operand, and a decode step of 2 rows took twice as long as one of 1 row. `RowsLi
 W @ x^T form for 2 to `MAX_ROWS` rows and leaves one row (a matrix-vector product, already
 fast) and long inputs (prefills: the x @ W^T form is as fast or faster there) to `nn.Linear`.
 
+oneMKL is also uneven in the row count itself: on the same CPU, 16 rows through a 2048 -> 8192
+projection cost 7.7 ms and 15 rows 15.9 ms, 4 rows 3.8 ms and 3 rows 5.3 ms (median of 5; its
+fast kernels take a multiple of 4 or 8 columns). `RowsLinear` therefore pads the rows with zeros
+to such a count and drops the padding's outputs.
+
 Both forms compute the same dot products; the summation order inside a dot product may differ,
 which changes float32 results in the last bits, as any change of batch size already does.
 """
@@ -20,14 +25,22 @@ from torch import nn
 MAX_ROWS = 64  # above this many rows, x @ W^T is as fast (measured up to 2048 rows)
 
 
+def padded_rows(rows: int) -> int:
+    """The row count oneMKL multiplies fastest that holds `rows`: 4 for 2-4, else a multiple of 8."""
+    return 4 if rows <= 4 else -(-rows // 8) * 8
+
+
 class RowsLinear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) that multiplies 2..MAX_ROWS rows as W @ x^T."""
+    """nn.Linear (same parameters, same state-dict keys) that multiplies 2..MAX_ROWS rows as W @ x^T,
+    padded to `padded_rows`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not 2 <= rows <= MAX_ROWS:
             return super().forward(x)
-        out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).T).T.contiguous()  # [rows, out_features]
+        flat = x.reshape(rows, x.shape[-1])
+        padded = torch.nn.functional.pad(flat, (0, 0, 0, padded_rows(rows) - rows))
+        out = torch.mm(self.weight, padded.T)[:, :rows].T.contiguous()  # [rows, out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
