@@ -49,7 +49,9 @@ def test_a_waiting_process_gets_the_next_turn_from_one_that_asks_again_at_once(t
     context = multiprocessing.get_context("spawn")
     busy = context.Process(target=hold_repeatedly, args=(path, log, "engine", 400))
     busy.start()
+    deadline = time.monotonic() + 60
     while not log.exists() or log.read_text().count("engine-") < 5:
+        assert time.monotonic() < deadline and busy.is_alive(), "the busy process never took the lease"
         time.sleep(HOLD_S)
     asked_after = log.read_text().count("engine-")
     hold_repeatedly(path, log, "encoder", 1)

@@ -17,7 +17,7 @@ from granite_speech_triton.serving import server
 
 pytestmark = pytest.mark.server
 REPOSITORY = Path(__file__).parent / "fixtures" / "metrics_repository"
-THREADS, UPDATES = 8, 400
+THREADS, UPDATES = 8, 200
 
 
 def test_metrics_updated_from_many_threads_at_once_keep_the_server_up_and_count_exactly(tmp_path):
@@ -29,7 +29,7 @@ def test_metrics_updated_from_many_threads_at_once_keep_the_server_up_and_count_
     process = server.start(options, log_path)
     try:
         server.wait_ready(http, process, log_path)
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=600.0)
         inputs = []
         for name, value in (("THREADS", THREADS), ("UPDATES", UPDATES)):
             inputs.append(httpclient.InferInput(name, [1], "INT32"))

@@ -39,8 +39,9 @@ class RowsLinear(nn.Linear):
         if not 2 <= rows <= MAX_ROWS:
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])
-        padded = torch.nn.functional.pad(flat, (0, 0, 0, padded_rows(rows) - rows))
-        out = torch.mm(self.weight, padded.T)[:, :rows].T.contiguous()  # [rows, out_features]
+        if padded_rows(rows) > rows:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded_rows(rows) - rows))
+        out = torch.mm(self.weight, flat.T)[:, :rows].T.contiguous()  # [rows, out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
