@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from granite_speech_triton.serving.relayed_errors import relayed_code
+
 log = logging.getLogger("granite_speech_triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-# Triton 2.51 hands a BLS caller every error as INTERNAL, whatever code the called model set. The
-# decoding engine therefore names the code at the start of its error messages ("[CANCELLED] ...");
-# `StepFailed` reads it back and gives the caller's client the right code, without the tag.
-CODE_TAG = re.compile(r"^\[(INVALID_ARG|CANCELLED|UNAVAILABLE|INTERNAL)\] ")
-
-
 def tagged_error(message: str, code: str):
-    """An error whose code survives a BLS hop (see CODE_TAG)."""
+    """An error whose code survives a BLS hop (see `relayed_errors`)."""
     return pb_utils.TritonError(f"[{code}] {message}", getattr(pb_utils.TritonError, code))
 
 
@@ -36,12 +31,9 @@ class StepFailed(Exception):
     """A called model answered with an error; `error` is what to answer our own client."""
 
     def __init__(self, error) -> None:
-        message = error.message()
-        match = CODE_TAG.match(message)
-        if match:
-            message = message[match.end() :]
+        message, code_name = relayed_code(error.message())
         super().__init__(message)
-        code = getattr(pb_utils.TritonError, match.group(1)) if match else error.code()
+        code = getattr(pb_utils.TritonError, code_name) if code_name else error.code()
         self.error = pb_utils.TritonError(message, code)
 
 
