@@ -1,10 +1,12 @@
 """What one decode step of the AR engine costs by the number of rows, with the LLM's linear layers
-as `nn.Linear` (x @ W^T) and as `RowsLinear` (W @ x^T for 2-64 rows), side by side in one run.
+as `nn.Linear` (x @ W^T), as `RowsLinear` (oneMKL's W @ x^T for 2-64 rows) and as
+`KernelRowsLinear` (the rows kernel, where it runs here), side by side in one run.
 
     python -m granite_speech_triton.bench_step --ar-checkpoint build/real-ar [--rows 1,2,4,8,16]
 
 Each row first holds a prefilled prompt of `--prompt` positions; a step's time is the median of
-`--repeats` steps from that same state. Both forms' logits are compared (largest difference).
+`--repeats` steps from that same state. Each form's logits are compared with nn.Linear's (largest
+difference).
 """
 
 from __future__ import annotations
@@ -20,14 +22,22 @@ import torch
 from torch import nn
 
 from .bench import environment, parse_levels
+from .model import rows_kernel
 from .model.decoder import load_ar_decoder
 from .model.engine import EngineConfig
-from .model.linear import RowsLinear
+from .model.linear import KernelRowsLinear, RowsLinear
 from .model.runner import GraniteRunner, PrefillInput
 from .model.weights import parse_dtype, resolve_checkpoint
 from .serving.repository import DEVICES, DTYPES
 
-FORMS = {"x @ W^T (nn.Linear)": nn.Linear, "W @ x^T (RowsLinear)": RowsLinear}
+PLAIN = "x @ W^T (nn.Linear)"
+FORMS = {PLAIN: nn.Linear, "W @ x^T (RowsLinear)": RowsLinear, "rows kernel (KernelRowsLinear)": KernelRowsLinear}
+
+
+def forms_here() -> dict[str, type[nn.Linear]]:
+    """The forms this host runs: the rows kernel only where it builds and the CPU has AVX2 and FMA."""
+    kernel = rows_kernel.library() is not None
+    return {name: form for name, form in FORMS.items() if kernel or form is not KernelRowsLinear}
 
 
 def set_linear_form(module: nn.Module, form: type[nn.Linear]) -> None:
@@ -66,17 +76,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for rows in args.rows:
         row: dict[str, Any] = {"rows": rows}
         logits = {}
-        for name, form in FORMS.items():
+        for name, form in forms_here().items():
             set_linear_form(runner.llm, form)
             row[name], logits[name] = time_steps(runner, rows, args.repeats)
-        plain, rows_form = FORMS
-        row["max_logit_difference"] = float((logits[plain] - logits[rows_form]).abs().max())
+        row["max_logit_difference"] = {
+            name: float((logits[PLAIN] - logits[name]).abs().max()) for name in logits if name != PLAIN
+        }
         table.append(row)
-        print(
-            f"{rows:3d} rows: {plain} {row[plain]:.3f} s, {rows_form} {row[rows_form]:.3f} s "
-            f"({row[plain] / row[rows_form]:.2f}x); max |logit difference| {row['max_logit_difference']:.1e}",
-            flush=True,
-        )
+        times = ", ".join(f"{name} {row[name]:.3f} s ({row[PLAIN] / row[name]:.2f}x)" for name in logits)
+        differences = ", ".join(f"{diff:.1e}" for diff in row["max_logit_difference"].values())
+        print(f"{rows:3d} rows: {times}; max |logit difference| from nn.Linear {differences}", flush=True)
     result = {"checkpoint": str(args.ar_checkpoint), "prompt": args.prompt, "repeats": args.repeats}
     result |= {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}
     result |= {"steps": table, "environment": environment()}

@@ -126,3 +126,16 @@ def test_the_heavy_stages_share_one_cpu_lease_file_where_it_is_on(tmp_path: Path
     assert set(files.values()) == {expected}
     with pytest.raises(ValueError, match="cpu_lease"):
         DeploySettings(cpu_lease="yes")
+
+
+@pytest.mark.parametrize("rows_kernel", ["auto", "off"])
+def test_the_engine_is_told_whether_to_use_the_rows_kernel(tmp_path: Path, rows_kernel):
+    models, _ = render(tmp_path, DeploySettings(rows_kernel=rows_kernel), ("ar",))
+    kernels = {
+        config.parent.name: parse(config).parameters["rows_kernel"].string_value
+        for config in models.glob("*/config.pbtxt")
+        if "rows_kernel" in parse(config).parameters
+    }
+    assert kernels == {"ar_llm_engine": rows_kernel}
+    with pytest.raises(ValueError, match="rows_kernel"):
+        DeploySettings(rows_kernel="on")

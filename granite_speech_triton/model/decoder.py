@@ -130,13 +130,16 @@ def load_ar_decoder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     engine: EngineConfig = EngineConfig(),  # noqa: B008 (frozen dataclass)
+    rows_kernel: bool = True,
 ) -> ARDecoder:
     """Tokenizer, Granite LLM and decoding engine of an AR checkpoint.
 
     A request may hold at most the model's context, whatever `engine.max_tokens_per_row` says.
+    On the CPU the decode steps multiply with the rows kernel where it runs and `rows_kernel` asks
+    for it, else with oneMKL (model/linear.py).
     """
     config = ARModelConfig.from_dict(read_config_json(checkpoint))
-    llm = use_rows_linears(load_llm(checkpoint, config.text, device, dtype))  # decode steps multiply few rows
+    llm = use_rows_linears(load_llm(checkpoint, config.text, device, dtype), rows_kernel)  # few-row products
     bounded = replace(engine, max_tokens_per_row=min(engine.max_tokens_per_row, llm.config.max_position_embeddings))
     decoding = engine_for(llm, config.audio_token_index, eos_token_ids(checkpoint, config.text), bounded)
     return ARDecoder(decoding, load_tokenizer(checkpoint), (Path(checkpoint) / OUT_LLM_FILE).is_file())

@@ -13,14 +13,21 @@ projection cost 7.7 ms and 15 rows 15.9 ms, 4 rows 3.8 ms and 3 rows 5.3 ms (med
 fast kernels take a multiple of 4 or 8 columns). `RowsLinear` therefore pads the rows with zeros
 to such a count and drops the padding's outputs.
 
-Both forms compute the same dot products; the summation order inside a dot product may differ,
-which changes float32 results in the last bits, as any change of batch size already does.
+Where it can run (x86-64 with AVX2 and FMA, a C compiler at first use), `KernelRowsLinear` does
+better than either oneMKL form: its kernel (model/rows_kernel.c) reads each weight row once and
+multiplies it with all the rows, so a step of 1 to `KERNEL_MAX_ROWS` rows costs little more than
+reading the weights (docs/benchmarks.md, run H).
+
+All forms compute the same dot products; the summation order inside a dot product differs, which
+changes float32 results in the last bits, as any change of batch size already does.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import rows_kernel
 
 MAX_ROWS = 64  # above this many rows, x @ W^T is as fast (measured up to 2048 rows)
 
@@ -47,11 +54,36 @@ class RowsLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def use_rows_linears(module: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear of `module` a RowsLinear when it lives on the CPU; returns `module`.
+KERNEL_MAX_ROWS = 24  # above this many rows oneMKL's W @ x^T is as fast (measured up to 64)
 
-    On a GPU the BLAS handles few rows well, and nothing changes."""
-    for layer in module.modules():
-        if type(layer) is nn.Linear and layer.weight.device.type == "cpu":
-            layer.__class__ = RowsLinear
+
+class KernelRowsLinear(RowsLinear):
+    """RowsLinear that multiplies 1..KERNEL_MAX_ROWS rows with the rows kernel (model/rows_kernel.py),
+    padded to a multiple of four; other inputs, and weights the kernel does not take, go to RowsLinear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not 1 <= rows <= KERNEL_MAX_ROWS:
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1])
+        padded = -(-rows // rows_kernel.ROW_MULTIPLE) * rows_kernel.ROW_MULTIPLE
+        if padded > rows:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))
+        if not rows_kernel.fits(flat, self.weight):
+            return super().forward(x)
+        out = rows_kernel.rows_matmul(flat, self.weight)[:rows]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_rows_linears(module: nn.Module, kernel: bool = True) -> nn.Module:
+    """Make every plain nn.Linear of `module` a few-row linear when it lives on the CPU; returns `module`.
+
+    The layers become KernelRowsLinear where `kernel` is asked for and the kernel runs here, else
+    RowsLinear. On a GPU the BLAS handles few rows well, and nothing changes."""
+    layers = [m for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
+    few_rows = KernelRowsLinear if layers and kernel and rows_kernel.library() is not None else RowsLinear
+    for layer in layers:
+        layer.__class__ = few_rows
     return module

@@ -23,7 +23,15 @@ TRITON_FLOAT_TYPES = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16"
 BACKENDS = ("python", "libtorch")
 SCHEDULERS = ("inflight", "static")
 CPU_LEASE = ("auto", "on", "off")
-CHOICES = {"device": DEVICES, "dtype": DTYPES, "scheduler": SCHEDULERS, "backend": BACKENDS, "cpu_lease": CPU_LEASE}
+ROWS_KERNEL = ("auto", "off")
+CHOICES = {
+    "device": DEVICES,
+    "dtype": DTYPES,
+    "scheduler": SCHEDULERS,
+    "backend": BACKENDS,
+    "cpu_lease": CPU_LEASE,
+    "rows_kernel": ROWS_KERNEL,
+}
 CPU_LEASE_FILE = "cpu.lease"  # beside the rendered repositories; see serving/cpu_lease.py
 POSITIVE = (
     "max_batch_size",
@@ -61,6 +69,8 @@ class DeploySettings:
     cpu_threads: int = 0  # torch intra-op threads per instance (0 = torch's default)
     # The encoders, NAR head and AR engine compute in turns, not at once (serving/cpu_lease.py).
     cpu_lease: str = "auto"  # auto (on when device=cpu) | on | off
+    # AR engine on the CPU: decode steps multiply with model/rows_kernel.c where it builds and runs.
+    rows_kernel: str = "auto"  # auto (where it runs) | off (oneMKL)
     scheduler: str = "inflight"  # AR engine: inflight (requests join every step) | static (batch runs to its end)
     max_decode_rows: int = 16  # AR engine: requests decoded together (rows of the KV cache)
     kv_tokens_per_row: int = 0  # AR engine: KV positions per row (0 = max_audio_seconds + max_new_tokens_limit fit)

@@ -3,7 +3,7 @@
 `execute` hands each request to the engine and returns at once; the engine's thread answers.
 Parameters: checkpoint, revision, device, dtype, max_new_tokens_limit, max_audio_seconds,
 scheduler, max_decode_rows, kv_tokens_per_row, prefill_token_budget, max_queue_size,
-queue_timeout_us, cpu_threads, cpu_lease_file.
+queue_timeout_us, cpu_threads, rows_kernel, cpu_lease_file.
 """
 
 from granite_speech_triton.model.decoder import load_ar_decoder, positions_per_request
@@ -34,7 +34,8 @@ def engine_config(stage: StageSettings) -> EngineConfig:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         stage = stage_settings(args)
-        decoder = load_ar_decoder(stage.checkpoint(), stage.device, stage.dtype, engine_config(stage))
+        kernel = stage.params["rows_kernel"] == "auto"
+        decoder = load_ar_decoder(stage.checkpoint(), stage.device, stage.dtype, engine_config(stage), kernel)
         limit = int(stage.params["max_new_tokens_limit"])
         self.frontend = EngineFrontend(decoder, args["model_name"], limit, stage.lease)
         self.frontend.warm_up(WARMUP_AUDIO_TOKENS, WARMUP_NEW_TOKENS)
