@@ -27,6 +27,7 @@ from granite_speech_triton.model.errors import RequestError
 from granite_speech_triton.model.prompts import SpeechRequest
 
 from .bls import send_final, tagged_error
+from .relayed_errors import QUEUE_FULL, QUEUE_TIMEOUT
 from .triton_io import Counter, Histogram, optional_text, sequence_input, single_item, tensor_output
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -190,7 +191,7 @@ class EngineFrontend:
             send_final(sender, error=tagged_error(str(exc), "INVALID_ARG"))
         except Overloaded as exc:
             self.metrics.ended[Finish.OVERLOADED.value].add(1)
-            send_final(sender, error=tagged_error(str(exc), "UNAVAILABLE"))
+            send_final(sender, error=tagged_error(f"{QUEUE_FULL}: {exc}", "UNAVAILABLE"))
 
     @staticmethod
     def _draft(request) -> Draft | None:
@@ -223,7 +224,8 @@ class EngineFrontend:
             delivery.sender.send(self._response(self.decoder.text(seq.tokens), seq.tokens, final=True), flags=FINAL)
         else:
             self.metrics.on_end(seq)
-            send_final(delivery.sender, error=tagged_error(seq.message, ERROR_CODES[seq.finish]))
+            message = f"{QUEUE_TIMEOUT}: {seq.message}" if seq.finish is Finish.OVERLOADED else seq.message
+            send_final(delivery.sender, error=tagged_error(message, ERROR_CODES[seq.finish]))
 
     def _partial(self, delivery: Delivery, seq: Sequence) -> None:
         """The text so far, without a multi-byte character that the next token may complete."""

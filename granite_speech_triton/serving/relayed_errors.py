@@ -13,8 +13,11 @@ from __future__ import annotations
 import re
 
 CODE_TAG = re.compile(r"^\[(INVALID_ARG|CANCELLED|UNAVAILABLE|INTERNAL)\] ")
-# Triton's messages when a model's queue policy rejects a request.
-QUEUE_REJECTIONS = ("Exceeds maximum queue size", "Request timeout expired")
+# Triton's messages when a model's queue policy rejects a request. The decoding engine's own queue
+# opens its rejections with the same words, so that clients recognise every overload alike.
+QUEUE_FULL = "Exceeds maximum queue size"
+QUEUE_TIMEOUT = "Request timeout expired"
+QUEUE_REJECTIONS = (QUEUE_FULL, QUEUE_TIMEOUT)
 
 
 def relayed_code(message: str) -> tuple[str, str | None]:
