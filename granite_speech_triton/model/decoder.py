@@ -19,6 +19,7 @@ from .draft import OUT_LLM_FILE, Draft
 from .engine import DecodeEngine, EngineConfig, Mode, Sequence, engine_for
 from .errors import RequestError
 from .linear import use_rows_linears
+from .packed_attention import use_packed_attention
 from .projector import num_audio_tokens
 from .prompts import DRAFT_MODES, SpeechRequest, build_prompt_ids
 from .weights import load_module
@@ -30,8 +31,8 @@ def load_llm(
     checkpoint: Path, text_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GraniteForCausalLM:
     """transformers' Granite LLM with the checkpoint's `language_model.*` tensors, built without random init
-    and loaded straight into `device` and `dtype`."""
-    config = GraniteConfig.from_dict(text_config)
+    and loaded straight into `device` and `dtype`; its attention takes packed prefills (packed_attention.py)."""
+    config = use_packed_attention(GraniteConfig.from_dict(text_config))
     llm = load_module(lambda: GraniteForCausalLM(config), checkpoint, "language_model.", device, dtype)
     if config.tie_word_embeddings:
         llm.tie_weights()

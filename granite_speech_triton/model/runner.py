@@ -68,6 +68,7 @@ class GraniteRunner:
             past_key_values=writer,
             use_cache=True,
             logits_to_keep=keep.to(self.device),
+            packed_lengths=lengths,  # packed_attention.py: each prompt's attention alone (the mask is its meaning)
         ).logits[0]  # [sum P_i, vocab]
         writer.commit()
         return list(logits.split([len(i.logit_positions) for i in items]))
