@@ -1,4 +1,4 @@
-"""RowsLinear: the decoding engine's linear layer for few rows on the CPU."""
+"""RowsLinear, KernelRowsLinear and the rows kernel: the decoding engine's few-row products on the CPU."""
 
 import json
 import platform
@@ -30,22 +30,6 @@ def pair(bias: bool) -> tuple[nn.Linear, RowsLinear]:
     return plain, rows
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(2, 48), (3, 48), (13, 48), (16, 1, 48), (MAX_ROWS, 48), (4, 3, 48)])
-def test_few_rows_take_the_weight_first_product_and_agree_with_nn_linear(bias, shape):
-    plain, rows = pair(bias)
-    x = torch.randn(*shape)
-    with torch.inference_mode():
-        want, got = plain(x), rows(x)
-    assert got.shape == want.shape and got.is_contiguous()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    flat = x.reshape(-1, 48)
-    n = flat.shape[0]
-    padded = torch.cat([flat, torch.zeros(padded_rows(n) - n, 48)])
-    expected = (plain.weight @ padded.T)[:, :n].T.reshape(want.shape) + (plain.bias if bias else 0)
-    assert torch.equal(got, expected)
-
-
 def test_rows_are_padded_to_a_count_the_cpu_blas_multiplies_fast():
     assert [padded_rows(n) for n in (2, 3, 4, 5, 8, 9, 15, 16, 17, 63, 64)] == [4, 4, 4, 8, 8, 16, 16, 16, 24, 64, 64]
 
@@ -64,6 +48,40 @@ def test_the_kernel_runs_on_an_x86_host_with_a_compiler():
 
 
 needs_kernel = pytest.mark.skipif(not KERNEL_HOST, reason="the rows kernel needs x86-64 and a C compiler")
+
+
+def weight_first(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """RowsLinear's product: W @ x^T over the rows padded to `padded_rows`."""
+    padded = torch.cat([rows, torch.zeros(padded_rows(len(rows)) - len(rows), rows.shape[1])])
+    return (weight @ padded.T)[:, : len(rows)].T
+
+
+def kernel_product(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """KernelRowsLinear's product: the rows kernel over the rows padded to a multiple of four."""
+    padded = torch.cat([rows, torch.zeros(-len(rows) % 4, rows.shape[1])])
+    return rows_kernel.rows_matmul(padded, weight)[: len(rows)]
+
+
+ROWS_SHAPES = [(2, 48), (3, 48), (13, 48), (16, 1, 48), (MAX_ROWS, 48), (4, 3, 48)]
+KERNEL_SHAPES = [(1, 48), (2, 48), (5, 48), (13, 1, 48), (KERNEL_MAX_ROWS, 48), (4, 3, 48)]
+FEW_ROW_CASES = [(RowsLinear, weight_first, shape) for shape in ROWS_SHAPES] + [
+    pytest.param(KernelRowsLinear, kernel_product, shape, marks=needs_kernel) for shape in KERNEL_SHAPES
+]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("form", "product", "shape"), FEW_ROW_CASES)
+def test_few_rows_take_the_form_s_own_product_and_agree_with_nn_linear(bias, form, product, shape):
+    plain = nn.Linear(48, 80, bias=bias)
+    layer = form(48, 80, bias=bias)
+    layer.load_state_dict(plain.state_dict())
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        want, got = plain(x), layer(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    expected = product(plain.weight.detach(), x.reshape(-1, 48)) + (plain.bias.detach() if bias else 0)
+    assert torch.equal(got, expected.reshape(want.shape)), "the form's padded product, bit for bit"
 
 
 @needs_kernel
@@ -109,25 +127,6 @@ def test_the_library_is_built_once_per_source(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert rows_kernel.build(cc) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "granite-speech-triton").iterdir()] == [first.name]
-
-
-@needs_kernel
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (5, 48), (13, 1, 48), (KERNEL_MAX_ROWS, 48), (4, 3, 48)])
-def test_kernel_rows_linear_agrees_with_nn_linear(bias, shape):
-    plain = nn.Linear(48, 80, bias=bias)
-    kernel = use_rows_linears(nn.Sequential(nn.Linear(48, 80, bias=bias)))[0]
-    kernel.load_state_dict(plain.state_dict())
-    assert type(kernel) is KernelRowsLinear
-    x = torch.randn(*shape)
-    with torch.inference_mode():
-        want, got = plain(x), kernel(x)
-    assert got.shape == want.shape and got.is_contiguous()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    rows = x.reshape(-1, 48)
-    padded = torch.cat([rows, torch.zeros(-len(rows) % 4, 48)])
-    expected = rows_kernel.rows_matmul(padded, plain.weight.detach())[: len(rows)] + (plain.bias if bias else 0)
-    assert torch.equal(got, expected.reshape(want.shape)), "the padded rows kernel, bit for bit"
 
 
 @needs_kernel
