@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from granite_speech_triton.model.audio import Framing, LogMelFrontEnd
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.decoder import load_ar_decoder
-from granite_speech_triton.model.encoder import encode_batch, length_groups, load_encoder
+from granite_speech_triton.model.encoder import encode_batch, length_groups, load_encoder, pad_batch, padding_waste
 from granite_speech_triton.model.errors import CheckpointError
 from granite_speech_triton.model.projector import load_projector, num_audio_tokens
 from granite_speech_triton.model.prompts import SpeechRequest
@@ -41,7 +41,9 @@ def test_encoder_matches_transformers_per_utterance_and_in_a_batch(tiny_ar_check
     cfg, reference = ar
     encoder = load_encoder(tiny_ar_checkpoint, cfg.encoder)
     inputs = [features(n, i) for i, n in enumerate(FRAME_COUNTS)]
-    batched = encode_batch(encoder, inputs)
+    with torch.inference_mode():  # one batch, every utterance padded to the longest: the masks at work
+        hidden = encoder(*pad_batch(inputs)).last_hidden_state
+    batched = [hidden[i, :n] for i, n in enumerate(FRAME_COUNTS)]
     with torch.inference_mode():
         for x, ours in zip(inputs, batched, strict=True):
             expected = reference.encoder(x[None]).last_hidden_state[0]
@@ -187,11 +189,19 @@ def test_generated_audio_placeholders_are_embedded_like_transformers(tiny_ar_che
     assert ours == reference_generate(tiny_ar_checkpoint, audio, request.instruction(), 200)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("lengths", [[1500, 15, 40, 900, 880, 1450, 100, 95], [100] * 5, [7], [3, 457, 201, 200]])
-def test_length_groups_bound_padding_and_cover_every_request(lengths):
-    groups = length_groups(lengths)
+def test_length_groups_bound_padding_and_cover_every_request(lengths, device):
+    waste = padding_waste(device)
+    groups = length_groups(lengths, waste)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for group in groups:
         longest = max(lengths[i] for i in group)
-        assert len(group) == 1 or longest * len(group) <= 1.25 * sum(lengths[i] for i in group)
-    assert len(length_groups([100] * 5)) == 1  # equal lengths share one forward
+        assert len(group) == 1 or longest * len(group) <= (1 + waste) * sum(lengths[i] for i in group)
+    assert len(length_groups([100] * 5, waste)) == 1  # equal lengths share one forward
+
+
+def test_a_cpu_batch_is_grouped_by_equal_length_and_a_gpu_batch_may_pad():
+    lengths = [929, 929, 688, 688, 380, 380, 292, 292]
+    assert length_groups(lengths, padding_waste("cpu")) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert length_groups(lengths, padding_waste("cuda")) == [[0, 1, 2, 3], [4, 5, 6, 7]]

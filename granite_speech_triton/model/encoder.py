@@ -182,10 +182,20 @@ def pad_batch(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return nn.utils.rnn.pad_sequence(sequences, batch_first=True), lengths
 
 
-MAX_PADDING_WASTE = 0.25  # padded frames computed per real frame, at most, when grouping a batch
+# Padded frames computed per real frame, at most, when grouping a batch, by device type. On a GPU a
+# bigger batch costs less per frame, which pays for some padding. On a CPU a frame costs the same
+# alone or batched (the products already have hundreds of rows), so padding is pure loss: the
+# benchmark's 15 clips of 1-19 s took 43 s through the encoder grouped with up to 0.25 of padding
+# and 36 s grouped by equal length only (real size, 2-core CPU of docs/benchmarks.md).
+MAX_PADDING_WASTE = {"cpu": 0.0, "cuda": 0.25}
 
 
-def length_groups(lengths: list[int], max_waste: float = MAX_PADDING_WASTE) -> list[list[int]]:
+def padding_waste(device: str | torch.device) -> float:
+    """The padding a batch of encoder inputs may carry on `device` (MAX_PADDING_WASTE)."""
+    return MAX_PADDING_WASTE.get(torch.device(device).type, MAX_PADDING_WASTE["cuda"])
+
+
+def length_groups(lengths: list[int], max_waste: float) -> list[list[int]]:
     """Indices grouped by similar length (longest first) so that padding each group to its longest
     member costs at most `max_waste` extra frames per real frame. Requests of very different
     lengths then run in separate forwards instead of all being padded to the longest."""
@@ -204,10 +214,12 @@ def length_groups(lengths: list[int], max_waste: float = MAX_PADDING_WASTE) -> l
 R = TypeVar("R")
 
 
-def run_in_length_groups(sequences: list[torch.Tensor], run: Callable[[list[torch.Tensor]], list[R]]) -> list[R]:
+def run_in_length_groups(
+    sequences: list[torch.Tensor], run: Callable[[list[torch.Tensor]], list[R]], max_waste: float
+) -> list[R]:
     """`run` on groups of similar-length sequences ([T_i, ...] each); results in input order."""
     results: list[R | None] = [None] * len(sequences)
-    for group in length_groups([s.shape[0] for s in sequences]):
+    for group in length_groups([s.shape[0] for s in sequences], max_waste):
         for index, result in zip(group, run([sequences[i] for i in group]), strict=True):
             results[index] = result
     return results  # type: ignore[return-value]
@@ -223,4 +235,4 @@ def encode_batch(encoder: ConformerEncoder, features: list[torch.Tensor]) -> lis
         hidden = encoder(padded, lengths).last_hidden_state  # [B, T_max, D]
         return [hidden[i, :length] for i, length in enumerate(lengths.tolist())]
 
-    return run_in_length_groups(features, run)
+    return run_in_length_groups(features, run, padding_waste(param.device))

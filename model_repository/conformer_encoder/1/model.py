@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from granite_speech_triton.model.audio import FEATURE_DIM
 from granite_speech_triton.model.config import ARModelConfig, read_config_json
 from granite_speech_triton.model.draft import Draft, ar_pooled_rows, drafts_from_rows, load_draft_head
-from granite_speech_triton.model.encoder import load_encoder, pad_batch, run_in_length_groups
+from granite_speech_triton.model.encoder import load_encoder, pad_batch, padding_waste, run_in_length_groups
 from granite_speech_triton.model.nar import load_nar_config, load_nar_encoder
 from granite_speech_triton.serving.triton_io import (
     BatchAdapter,
@@ -54,7 +54,7 @@ def ar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list
             for i, (n, draft, rows) in enumerate(zip(lengths.tolist(), drafts, pooled, strict=True))
         ]
 
-    return lambda features: run_in_length_groups(features, run)
+    return lambda features: run_in_length_groups(features, run, padding_waste(device))
 
 
 def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], list[Outputs]]:
@@ -67,7 +67,7 @@ def nar_encoder(checkpoint, device, dtype) -> Callable[[list[torch.Tensor]], lis
             for x, draft, rows in zip(out.projector_inputs, out.drafts, out.pooled, strict=True)
         ]
 
-    return lambda features: run_in_length_groups(features, run)
+    return lambda features: run_in_length_groups(features, run, padding_waste(device))
 
 
 ENCODERS = {"ar": ar_encoder, "nar": nar_encoder}
