@@ -24,6 +24,8 @@ changes float32 results in the last bits, as any change of batch size already do
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -37,21 +39,35 @@ def padded_rows(rows: int) -> int:
     return 4 if rows <= 4 else -(-rows // 8) * 8
 
 
+def row_count(x: torch.Tensor) -> int:
+    """The rows of x [..., in]: all its leading dimensions flattened."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def multiply_rows(
+    x: torch.Tensor, padded: int, product: Callable[[torch.Tensor], torch.Tensor], bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [..., in] as rows, zero-padded to `padded` rows, through `product` ([padded, in] -> [padded,
+    out]); the padding's outputs dropped and the bias added -> [..., out]."""
+    rows = row_count(x)
+    flat = x.reshape(rows, x.shape[-1])
+    if padded > rows:
+        flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))
+    out = product(flat.contiguous())[:rows].contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class RowsLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) that multiplies 2..MAX_ROWS rows as W @ x^T,
     padded to `padded_rows`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        rows = row_count(x)
         if not 2 <= rows <= MAX_ROWS:
             return super().forward(x)
-        flat = x.reshape(rows, x.shape[-1])
-        if padded_rows(rows) > rows:
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded_rows(rows) - rows))
-        out = torch.mm(self.weight, flat.T)[:, :rows].T.contiguous()  # [rows, out_features]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return multiply_rows(x, padded_rows(rows), lambda flat: torch.mm(self.weight, flat.T).T, self.bias)
 
 
 KERNEL_MAX_ROWS = 24  # above this many rows oneMKL's W @ x^T is as fast (measured up to 64)
@@ -62,19 +78,11 @@ class KernelRowsLinear(RowsLinear):
     padded to a multiple of four; other inputs, and weights the kernel does not take, go to RowsLinear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not 1 <= rows <= KERNEL_MAX_ROWS:
+        rows = row_count(x)
+        if not 1 <= rows <= KERNEL_MAX_ROWS or not rows_kernel.takes(x, self.weight):
             return super().forward(x)
-        flat = x.reshape(rows, x.shape[-1])
         padded = -(-rows // rows_kernel.ROW_MULTIPLE) * rows_kernel.ROW_MULTIPLE
-        if padded > rows:
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))
-        if not rows_kernel.fits(flat, self.weight):
-            return super().forward(x)
-        out = rows_kernel.rows_matmul(flat, self.weight)[:rows]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return multiply_rows(x, padded, lambda flat: rows_kernel.rows_matmul(flat, self.weight), self.bias)
 
 
 def use_rows_linears(module: nn.Module, kernel: bool = True) -> nn.Module:

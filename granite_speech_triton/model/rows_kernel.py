@@ -92,18 +92,22 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel takes x [R, K] @ weight [N, K]^T as they are (no copies)."""
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel multiplies rows like x's [..., K] by weight [N, K]^T, once they are padded
+    to a multiple of ROW_MULTIPLE rows and laid out contiguously."""
     return (
         x.dtype == weight.dtype == torch.float32
         and x.device.type == weight.device.type == "cpu"
-        and x.dim() == weight.dim() == 2
-        and x.shape[1] == weight.shape[1]
-        and x.shape[0] % ROW_MULTIPLE == 0
-        and x.shape[1] % K_MULTIPLE == 0
-        and x.is_contiguous()
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+        and x.shape[-1] % K_MULTIPLE == 0
         and weight.is_contiguous()
     )
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes x [R, K] @ weight [N, K]^T as they are (no copies)."""
+    return takes(x, weight) and x.dim() == 2 and x.shape[0] % ROW_MULTIPLE == 0 and x.is_contiguous()
 
 
 def rows_matmul(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
